@@ -1,0 +1,93 @@
+"""The main job: every available merge backend against ToMe's ops, its compiled form and
+the floor, on the paper shapes; prints the table (and writes it into BENCHMARKS.md with
+--write).
+
+    python -m benchmarks                  # all paper shapes, the table on stdout
+    python -m benchmarks --write          # ... and update BENCHMARKS.md
+    python -m benchmarks --quick          # fewer rounds, no torch.compile (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import re
+import sys
+
+import torch
+
+from .harness import machine, median_ms, progress, time_interleaved
+from .providers import make_providers
+from .shapes import PAPER_SHAPES
+
+BEGIN, END = "<!-- main-table:begin -->", "<!-- main-table:end -->"
+
+
+def merge_table(shapes, device, rounds: int, compile_tome: bool, dtype) -> str:
+    """Markdown table: medians per provider and shape, speedups and the ratio to the floor."""
+    rows = []
+    for i, shape in enumerate(shapes, 1):
+        progress(f"[{i}/{len(shapes)}] {shape.name} {list(shape.x)} r={shape.r}: warming up")
+        x, size, metric = shape.inputs(dtype=dtype, device=device)
+        providers = make_providers(shape, device, compile_tome)
+        fns = {name: (lambda fn=fn: fn(x, size, metric)) for name, fn in providers.items()}
+        times = time_interleaved(fns, device, rounds)
+        med = {name: median_ms(t) for name, t in times.items()}
+        progress("    " + ", ".join(f"{n} {m:.3f} ms" for n, m in med.items()))
+        for name, ms in med.items():
+            rows.append((shape, name, ms, med["tome-eager"] / ms,
+                         med["tome-compiled"] / ms if "tome-compiled" in med else None,
+                         ms / med["floor"]))
+    lines = [
+        "| shape | provider | median ms | speedup vs tome-eager | speedup vs tome-compiled | x floor |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for shape, name, ms, vs_eager, vs_comp, vs_floor in rows:
+        comp = f"{vs_comp:.2f}x" if vs_comp is not None else "-"
+        lines.append(f"| {shape.name} {list(shape.x)} r={shape.r} | {name} | {ms:.3f} | "
+                     f"{vs_eager:.2f}x | {comp} | {vs_floor:.2f} |")
+    return "\n".join(lines)
+
+
+def write_benchmarks_md(table: str, header: str, path: pathlib.Path) -> None:
+    """Replace the main table between the markers of BENCHMARKS.md."""
+    text = path.read_text()
+    block = f"{BEGIN}\n{header}\n\n{table}\n{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text += "\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=40, help="timed calls per provider (default 40)")
+    ap.add_argument("--quick", action="store_true", help="5 rounds, no torch.compile")
+    ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--write", action="store_true", help="update the table in BENCHMARKS.md")
+    args = ap.parse_args(argv)
+
+    shapes = [s for s in PAPER_SHAPES
+              if not args.shapes or any(k.strip() in s.name for k in args.shapes.split(","))]
+    if not shapes:
+        ap.error(f"no paper shape matches {args.shapes!r}")
+    rounds = 5 if args.quick else args.rounds
+    device = torch.device(args.device)
+    header = (f"Machine: {machine()}. {datetime.date.today()}, dtype {args.dtype}, "
+              f"{rounds} interleaved rounds, medians. Command: `python -m benchmarks"
+              f"{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`.")
+    table = merge_table(shapes, device, rounds, not args.quick, getattr(torch, args.dtype))
+    print(header + "\n\n" + table)
+    if args.write:
+        write_benchmarks_md(table, header, pathlib.Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+        progress("BENCHMARKS.md updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

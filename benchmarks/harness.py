@@ -1,0 +1,69 @@
+"""Interleaved timing: every provider of a shape is timed in turn, many rounds, medians.
+
+This machine's timings drift 2-5x between runs, so providers are compared inside one
+process, round-robin, and only medians and ratios are reported.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: int,
+                     warmup: int = 3, min_seconds: float = 0.0) -> Dict[str, List[float]]:
+    """Seconds per call of every fn, measured round-robin (the order rotates each round)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    names = list(fns)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    i = 0
+    while i < rounds or time.perf_counter() - start < min_seconds:
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        i += 1
+    return times
+
+
+def median_ms(samples: List[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were taken."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import os
+
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", GPU {torch.cuda.get_device_name()}"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}")
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

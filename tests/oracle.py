@@ -1,0 +1,172 @@
+"""A slow, obviously-correct loop oracle of ALGORITHM.md section 1, for one matching group.
+
+It shares no code with vtome_kernels.reference: plain Python loops, float64 arithmetic,
+lists of member positions. Scores are compared in float64, so it cannot reproduce the
+reference's float32 rounding; it knows which comparisons are exact instead:
+- two scores are *exactly* tied when they come from bitwise-identical vector pairs (the
+  same A vector against the same B vector), or are both -inf (masked);
+- any other pair of scores closer than AMBIGUOUS is a near-tie that float32 rounding may
+  order either way: the oracle raises Ambiguous and the caller discards that input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+AMBIGUOUS = 1e-6  # ten times float32 rounding of a cosine, far below random gaps
+
+
+class Ambiguous(Exception):
+    """The input has a near-tie that float32 rounding may decide either way."""
+
+
+class Result:
+    """The oracle's answer for one group: members of every output token, in output order."""
+
+    def __init__(self, groups, src, dst, unm, merged, x, size, n):
+        self.groups = groups  # list of lists of input positions, base token first
+        self.src, self.dst, self.unm, self.merged = src, dst, unm, merged
+        self.x, self.size, self.n = x, size, n
+
+
+def _unit(v: Sequence[float]) -> List[float]:
+    norm = math.sqrt(sum(a * a for a in v))
+    return [a / norm for a in v] if norm > 1e-12 else [0.0 for _ in v]
+
+
+def _cmp_key(rows, i, j):
+    """Identity of the score (A token i, B token j): the pair of vectors as tuples."""
+    return (tuple(rows[i]), tuple(rows[j]))
+
+
+def match_group(
+    metric: Sequence[Sequence[float]],
+    r: int,
+    class_token: bool = False,
+    distill_token: bool = False,
+    scores: Optional[Sequence[Sequence[float]]] = None,
+):
+    """(src, dst, unm, best) positions for one group; scores (|A| x |B|) replaces cosines."""
+    n = len(metric) if scores is None else len(scores) + len(scores[0])
+    protected = int(class_token) + int(distill_token)
+    r = min(r, (n - protected) // 2)
+    a_pos = list(range(0, n, 2))
+    b_pos = list(range(1, n, 2))
+    if r <= 0:  # nothing merges: every token stays where it is
+        return [], [], a_pos, [], r
+    unit = [_unit(v) for v in metric] if scores is None else None
+
+    def score(ia, jb):
+        if class_token and ia == 0:
+            return -math.inf
+        if distill_token and jb == 0:
+            return -math.inf
+        if scores is not None:
+            return float(scores[ia][jb])
+        return sum(p * q for p, q in zip(unit[a_pos[ia]], unit[b_pos[jb]]))
+
+    def identity(ia, jb):
+        if score(ia, jb) == -math.inf:
+            return "masked"
+        if scores is not None:
+            return ("value", float(scores[ia][jb]))
+        return _cmp_key(metric, a_pos[ia], b_pos[jb])
+
+    def check_gap(s1, id1, s2, id2):
+        if id1 == id2 or (s1 == s2 == -math.inf):
+            return
+        if scores is None and abs(s1 - s2) < AMBIGUOUS:
+            raise Ambiguous(f"near-tie {s1!r} vs {s2!r}")
+
+    # Row max and argmax; the lowest B index wins exact ties.
+    best = []
+    for ia in range(len(a_pos)):
+        bj, bs = 0, score(ia, 0)
+        for jb in range(1, len(b_pos)):
+            s = score(ia, jb)
+            check_gap(s, identity(ia, jb), bs, identity(ia, bj))
+            if s > bs:
+                bj, bs = jb, s
+        best.append((bs, bj))
+
+    # Rank A tokens by descending best score; exact ties keep ascending order.
+    order = list(range(len(a_pos)))
+    for i1 in order:
+        for i2 in order:
+            if i1 < i2:
+                check_gap(best[i1][0], identity(i1, best[i1][1]), best[i2][0], identity(i2, best[i2][1]))
+    order.sort(key=lambda ia: -best[ia][0] if best[ia][0] != -math.inf else math.inf)
+    src = order[:r]
+    unm = order[r:]
+    if class_token:
+        unm = sorted(unm)
+    return (
+        [a_pos[i] for i in src],
+        [b_pos[best[i][1]] for i in src],
+        [a_pos[i] for i in unm],
+        [best[i][0] for i in src],
+        r,
+    )
+
+
+def merge_group(
+    x: Sequence[Sequence[float]],
+    size: Sequence[float],
+    metric: Sequence[Sequence[float]],
+    r: int,
+    class_token: bool = False,
+    distill_token: bool = False,
+    mode: str = "merge",
+    threshold: Optional[float] = None,
+    scores=None,
+) -> Result:
+    """Match one group and merge x (list of rows) and size (list of floats)."""
+    n = len(x)
+    src, dst, unm, src_best, r = match_group(metric, r, class_token, distill_token, scores)
+    if r <= 0:
+        groups = [[p] for p in range(n)]
+        return Result(groups, [], [], unm, [], [list(map(float, row)) for row in x], list(size), n)
+    if mode in ("drop", "random_drop"):
+        merged = [False] * len(src)
+    elif mode == "hybrid":
+        merged = [s >= threshold for s in src_best]
+    else:
+        merged = [True] * len(src)
+    b_tokens = list(range(1, n, 2))
+    if distill_token:
+        order = [unm[0], b_tokens[0]] + unm[1:] + b_tokens[1:]
+    else:
+        order = unm + b_tokens
+    groups = []
+    for base in order:
+        members = [base]
+        for s, d, m in zip(src, dst, merged):
+            if d == base and m:
+                members.append(s)
+        groups.append(members)
+    out_x, out_s = [], []
+    for members in groups:
+        tot = sum(float(size[p]) for p in members)
+        row = [sum(float(x[p][c]) * float(size[p]) for p in members) / tot for c in range(len(x[0]))]
+        if len(members) == 1:
+            row = [float(v) for v in x[members[0]]]
+        out_x.append(row)
+        out_s.append(1.0 if mode in ("drop", "random_drop") else tot)
+    return Result(groups, src, dst, unm, merged, out_x, out_s, n)
+
+
+def merge_source_group(result: Result, source: Sequence[Sequence[float]]) -> List[List[float]]:
+    """Union (max) of the source rows of every output token's members."""
+    return [[max(float(source[p][c]) for p in g) for c in range(len(source[0]))] for g in result.groups]
+
+
+def unmerge_group(result: Result, y: Sequence[Sequence[float]]) -> List[List[float]]:
+    """Every input position gets the row of the output token it belongs to (sources:
+    their destination's, merged or discarded)."""
+    where = {}
+    for o, g in enumerate(result.groups):
+        where[g[0]] = o
+    for s, d in zip(result.src, result.dst):
+        where[s] = where[d]
+    return [list(map(float, y[where[p]])) for p in range(result.n)]

@@ -1,0 +1,75 @@
+"""The backend registry: which implementations exist, which are usable here, and why not.
+
+A backend is a module with the same functions as ``reference.py`` (``match``, ``merge``,
+``merge_source``, ``unmerge``, ``prop_attention``, ...) plus ``status()`` -> (available,
+why) and ``supports(device)`` -> None or the reason it cannot run on that device. Modules
+are imported on first use, so ``import vtome_kernels`` never imports Triton or touches a
+GPU driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Dict, NamedTuple
+
+import torch
+
+# name -> module; "auto" tries them in this order for each device type.
+_MODULES = {
+    "reference": "vtome_kernels.reference",
+}
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+NAMES = ("auto",) + tuple(_MODULES)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    detail: str
+
+
+def _load(name: str):
+    """(module or None, why) for a backend name."""
+    module = importlib.import_module(_MODULES[name])
+    ok, why = module.status()
+    return (module if ok else None), why
+
+
+def backends() -> Dict[str, BackendStatus]:
+    """Every backend, whether it is usable in this process and why (or why not)."""
+    out = {}
+    for name in _MODULES:
+        module, why = _load(name)
+        out[name] = BackendStatus(module is not None, why)
+    return out
+
+
+def resolve(backend: str, op: str, device: torch.device) -> ModuleType:
+    """The backend module that runs ``op`` on ``device``.
+
+    "auto" takes the first usable backend of the device's order that implements the op;
+    a named backend that cannot run the op here raises BackendUnavailableError saying why.
+    """
+    if not isinstance(backend, str) or backend not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if name not in _MODULES:
+                continue
+            module, _ = _load(name)
+            if module is not None and hasattr(module, op) and module.supports(device) is None:
+                return module
+        return importlib.import_module(_MODULES["reference"])
+    module, why = _load(backend)
+    if module is None:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {why}")
+    if not hasattr(module, op):
+        raise BackendUnavailableError(f"backend {backend!r} has no {op!r} operation")
+    why_not = module.supports(device)
+    if why_not is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {why_not}")
+    return module
