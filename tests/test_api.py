@@ -180,8 +180,11 @@ def test_errors_merge():
     _bad(ValueError, "distill_token=True needs class_token=True", vt.merge, x, None, 1,
          distill_token=True)
     _bad(ValueError, "metric must have a last dim >= 1", vt.match, metric[..., :0], 1)
-    if torch.cuda.is_available():
-        _bad(ValueError, "one device", vt.merge, x, None, 1, metric=metric.cuda())
+    meta = metric.to("meta")  # a second device without a GPU
+    _bad(ValueError, "one device, got x on cpu, metric on meta", vt.merge, x, None, 1, metric=meta)
+    _bad(ValueError, "one device, got x on cpu, size on meta", vt.merge, x, size.to("meta"), 1)
+    plan = vt.match(metric, 2)
+    _bad(ValueError, "one device", plan.merge, x.to("meta"))
 
 
 def test_errors_plan():

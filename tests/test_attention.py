@@ -78,5 +78,7 @@ def test_prop_attention_errors():
         vt.prop_attention(q, k, v, size * 0)
     with pytest.raises(TypeError, match="scale must be a float"):
         vt.prop_attention(q, k, v, size, scale="0.1")
+    with pytest.raises(ValueError, match="one device, got q on cpu, k on meta"):
+        vt.prop_attention(q, k.to("meta"), v, size)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
         vt.prop_attention(q, None, v, size)
