@@ -10,7 +10,7 @@ lower resolution) first.
 from __future__ import annotations
 
 import numbers
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Iterable, List, NamedTuple, Optional, Sequence
 
 from . import _checks
 
@@ -37,7 +37,7 @@ def _factor(name: str, value, minimum: float, below: Optional[float] = None) -> 
 
 
 def _ints(name: str, values, step: int, what: str) -> List[int]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
     out = [_checks.count(f"{name}[{i}]", v, minimum=1) for i, v in enumerate(values)]
     bad = [v for v in out if v % step]
@@ -76,8 +76,8 @@ def grids(
         frames = range(4 * tubelet, 32 * tubelet + 1, 4 * tubelet)
     if resolutions is None:
         resolutions = [n * patch_size for n in range(12, 17)]
-    frames = _ints("frames", list(frames), tubelet, "tubelet")
-    resolutions = _ints("resolutions", list(resolutions), patch_size, "patch size")
+    frames = _ints("frames", frames, tubelet, "tubelet")
+    resolutions = _ints("resolutions", resolutions, patch_size, "patch size")
 
     lo, hi = budget * oversample * (1 - tolerance), budget * oversample * (1 + tolerance)
     out = []
