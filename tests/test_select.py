@@ -352,3 +352,32 @@ def test_reference_scores_definition():
     assert torch.allclose(s[:, [1, 2, 4, 5]], d[:, [0, 1, 3, 4]])
     assert torch.equal(s[:, 0], s[:, 1]) and torch.equal(s[:, 3], s[:, 4])
     assert torch.equal(reference.select_scores(x, 6), torch.zeros(1, 6, 4))
+
+
+# -- the benchmark's baseline ------------------------------------------------------------
+def test_fluxvit_eager_selects_the_same_tokens():
+    """The benchmark's FluxViT recipe keeps what vt.select keeps (random inputs, no ties;
+    its group rule agrees with "auto" wherever T % 4 == 0 or T == 2)."""
+    from benchmarks.select import fluxvit_eager, fluxvit_groups, make_providers, SelectShape
+
+    assert [fluxvit_groups(t) for t in (2, 4, 6, 8, 16)] == [1, 4, 2, 4, 4]
+    for shape, budget in (((2, 8, 7, 5), 20), ((1, 16, 6, 3), 41), ((2, 6, 5, 4), 11)):
+        x = make(shape, seed=budget)
+        kept, _ = vt.select(x, budget, groups=fluxvit_groups(shape[1]), backend="reference")
+        assert torch.equal(fluxvit_eager(x, budget), kept)
+    s = SelectShape(1, 8, 7, 5, 20)
+    x = s.inputs()
+    for name, fn in make_providers(s, torch.device("cpu")).items():
+        if name.startswith("vt-"):
+            assert torch.equal(fn(x)[0], fluxvit_eager(x, 20)), name
+
+
+def test_benchmark_main_prints_the_table(capsys):
+    from benchmarks.select import main, paper_shapes
+
+    assert len(paper_shapes()) == 20  # budget 2048 >= 8·196 tokens is left out
+    assert main(["--quick", "--batch", "1", "--channels", "8", "--budgets", "30",
+                 "--layouts", "8x9"]) == 0
+    out = capsys.readouterr().out
+    assert "| B=1 T=8 L=9 C=8 K=30 | fluxvit-eager |" in out
+    assert "| floor |" in out and "| vt-reference |" in out
