@@ -250,6 +250,11 @@ def test_non_contiguous_input(impl):
     assert not x.is_contiguous()
     kept, index = run(impl, x, 17)
     check(kept, index, x, 17)
+    # contiguous, but starting one element into its storage (rows not 8-byte aligned)
+    y = make((1, 2 * 6 * 5 * 8 + 1), seed=6)[0, 1:].view(2, 6, 5, 8)
+    assert y.is_contiguous() and y.storage_offset() == 1
+    kept, index = run(impl, y, 17)
+    check(kept, index, y, 17)
 
 
 @given(

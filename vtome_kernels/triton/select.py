@@ -26,8 +26,10 @@ import triton.language as tl
 _NAN_KEY = 0x7FC00000  # every NaN ranks here: above +inf (0x7F800000), as in torch.sort
 _BLOCK_L = 64  # patches scored per program
 _UNROLL_C = 8  # channels loaded per loop step (accumulated in order)
+_SCORE_WARPS = 2  # 64 threads: one patch each
 _BLOCK_R = 64  # patches gathered per program
-_BLOCK_C = 128  # channels copied per step
+_BLOCK_W = 32  # words of a row copied per step
+_GATHER_WARPS = 4
 
 
 @triton.jit
@@ -58,10 +60,13 @@ def _score_kernel(x_ptr, score_ptr, T, L, C, F,
 
 
 @triton.jit
-def _topk_gather_kernel(score_ptr, x_ptr, kept_ptr, index_ptr, G, NG, C, K,
-                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _topk_gather_kernel(score_ptr, x_ptr, kept_ptr, index_ptr, G, NG, W, K,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
                         NAN_KEY: tl.constexpr):
-    """Top K of group pid(0) (ties to the lower position); copy rows of block pid(1)."""
+    """Top K of group pid(0) (ties to the lower position); copy rows of block pid(1).
+
+    x and kept are seen as rows of W integer words (the rows' bits, copied exactly).
+    """
     pid_g = tl.program_id(0).to(tl.int64)  # b * G + g
     pid_r = tl.program_id(1)
     base = pid_g * NG  # first patch of the group in the flattened [B·T·L] grid
@@ -97,13 +102,25 @@ def _topk_gather_kernel(score_ptr, x_ptr, kept_ptr, index_ptr, G, NG, C, K,
 
     out_row = pid_g * K + pos  # [B·G·K] rows of kept, group-major
     tl.store(index_ptr + out_row, (pid_g % G) * NG + rows, mask=keep)  # position in the clip
-    src = x_ptr + (base + rows)[:, None] * C
-    dst = kept_ptr + out_row[:, None] * C
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = keep[:, None] & (cols < C)[None, :]
+    src = x_ptr + (base + rows)[:, None] * W
+    dst = kept_ptr + out_row[:, None] * W
+    for w0 in range(0, W, BLOCK_W):
+        cols = w0 + tl.arange(0, BLOCK_W)
+        m = keep[:, None] & (cols < W)[None, :]
         v = tl.load(src + cols[None, :], mask=m)
         tl.store(dst + cols[None, :], v, mask=m)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as the widest integer words that tile its rows (copied exactly)."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if size >= t.element_size() and (t.shape[-1] * t.element_size()) % size == 0:
+            try:
+                return t.view(dtype)
+            except RuntimeError:  # storage offset not aligned to the word
+                continue
+    return t
 
 
 def select(x: torch.Tensor, k_per_group: int, groups: int):
@@ -122,11 +139,15 @@ def select(x: torch.Tensor, k_per_group: int, groups: int):
     if b == 0:
         return kept, index
     _score_kernel[(b * t, triton.cdiv(l, _BLOCK_L))](
-        x, scores, t, l, c, f, BLOCK_L=_BLOCK_L, UNROLL_C=_UNROLL_C, enable_fp_fusion=False,
+        x, scores, t, l, c, f, BLOCK_L=_BLOCK_L, UNROLL_C=_UNROLL_C, num_warps=_SCORE_WARPS,
+        enable_fp_fusion=False,
     )
     block_n = triton.next_power_of_2(ng)
+    x_words = _words(x)
+    kept_words = kept.view(x_words.dtype)  # fresh, so aligned for any word x allows
     _topk_gather_kernel[(b * groups, triton.cdiv(ng, _BLOCK_R))](
-        scores, x, kept, index, groups, ng, c, k,
-        BLOCK_N=block_n, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, NAN_KEY=_NAN_KEY,
+        scores, x_words, kept_words, index, groups, ng, x_words.shape[-1], k,
+        BLOCK_N=block_n, BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W, NAN_KEY=_NAN_KEY,
+        num_warps=_GATHER_WARPS,
     )
     return kept, index
