@@ -24,10 +24,13 @@ from . import interpreting, launch
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssn, sob, soh, son,
-    H, NQ, NK, D, scale,
+    H, NQ, NK, D, scale, scale_ptr,
     HAS_SIZE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE64: tl.constexpr,
 ):
+    if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
+        scale = tl.load(scale_ptr)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -54,8 +57,8 @@ def _attn_fwd_kernel(
             v = v.to(ACC)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
         if HAS_SIZE:
-            sz = tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(ACC)
-            s += tl.log(sz)[None, :]
+            sz = tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)
+            s += tl.log(sz).to(ACC)[None, :]  # the reference takes log(size) in float32
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -73,11 +76,14 @@ def _attn_fwd_kernel(
 def _attn_bwd_kv_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssn,
-    H, NQ, NK, D, scale,
+    H, NQ, NK, D, scale, scale_ptr,
     HAS_SIZE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE64: tl.constexpr,
 ):
     """dk, dv of one key block: streams every query block (probabilities recomputed)."""
+    if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
+        scale = tl.load(scale_ptr)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -92,7 +98,7 @@ def _attn_bwd_kv_kernel(
         v = v.to(ACC)
     bias = tl.zeros([BLOCK_N], dtype=ACC)
     if HAS_SIZE:
-        bias = tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(ACC))
+        bias = tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)).to(ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     qo = b * sqb + h * sqh  # q and do share the query layout (do is made contiguous like q)
@@ -124,11 +130,14 @@ def _attn_bwd_kv_kernel(
 def _attn_bwd_q_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssn,
-    H, NQ, NK, D, scale,
+    H, NQ, NK, D, scale, scale_ptr,
     HAS_SIZE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE64: tl.constexpr,
 ):
     """dq of one query block: streams every key block (probabilities recomputed)."""
+    if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
+        scale = tl.load(scale_ptr)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -155,7 +164,7 @@ def _attn_bwd_q_kernel(
             v = v.to(ACC)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
         if HAS_SIZE:
-            s += tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(ACC))[None, :]
+            s += tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)).to(ACC)[None, :]
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
@@ -188,6 +197,13 @@ def _size_args(size, b: int, nk: int, ref: torch.Tensor):
     return size, size.stride(0), size.stride(1)
 
 
+def _scale_args(scale: float, q: torch.Tensor):
+    """(scale as a float32 argument, the same scale in a float64 tensor for float64 runs)."""
+    if q.dtype == torch.float64:
+        return float(scale), torch.full((1,), scale, dtype=torch.float64, device=q.device)
+    return float(scale), q
+
+
 def attn_fwd(q, k, v, size, scale: float):
     """(out [B, H, Nq, d] in q's dtype, lse [B, H, Nq] float32/64): one launch."""
     b, h, nq, d = q.shape
@@ -199,9 +215,9 @@ def attn_fwd(q, k, v, size, scale: float):
     s, ssb, ssn = _size_args(size, b, nk, q)
     launch(_attn_fwd_kernel, (triton.cdiv(nq, bm), b * h),
            q, k, v, s, out, lse, *q.stride(), *k.stride(), *v.stride(), ssb, ssn,
-           out.stride(0), out.stride(1), out.stride(2), h, nq, nk, d, float(scale),
+           out.stride(0), out.stride(1), out.stride(2), h, nq, nk, d, *_scale_args(scale, q),
            HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=4)
     return out, lse
 
 
@@ -216,9 +232,9 @@ def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
     dk = torch.empty(b, h, nk, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, h, nk, d, dtype=v.dtype, device=q.device)
     s, ssb, ssn = _size_args(size, b, nk, q)
-    common = (*q.stride(), *k.stride(), *v.stride(), ssb, ssn, h, nq, nk, d, float(scale))
+    common = (*q.stride(), *k.stride(), *v.stride(), ssb, ssn, h, nq, nk, d, *_scale_args(scale, q))
     meta = dict(HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=4)
     launch(_attn_bwd_kv_kernel, (triton.cdiv(nk, bn), b * h),
            q, k, v, s, dout, lse, delta, dk, dv, *common, **meta)
     launch(_attn_bwd_q_kernel, (triton.cdiv(nq, bm), b * h),
@@ -242,8 +258,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor], scale:
 @attention_op.register_fake
 def _attention_fake(q, k, v, size, scale):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (q.new_empty(q.shape, memory_format=torch.contiguous_format),
-            q.new_empty(q.shape[:3], dtype=lse_dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.custom_op("vtome_kernels::triton_prop_attention_backward", mutates_args=())
@@ -254,9 +269,7 @@ def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, size: O
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, size, out, lse, scale):
-    fmt = torch.contiguous_format
-    return (q.new_empty(q.shape, memory_format=fmt), k.new_empty(k.shape, memory_format=fmt),
-            v.new_empty(v.shape, memory_format=fmt))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):

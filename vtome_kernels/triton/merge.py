@@ -255,8 +255,7 @@ def merge_backward_op(grad_x: Tensor, grad_s: Tensor, x: Tensor, size: Tensor, o
 @merge_backward_op.register_fake
 def _merge_backward_fake(grad_x, grad_s, x, size, out_x, out_s, out_idx, src_idx, dst_pos,
                          src_merged):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), size.new_empty(
-        x.shape[0], x.shape[1], 1)
+    return x.new_empty(x.shape), size.new_empty(x.shape[0], x.shape[1], 1)
 
 
 def _merge_setup(ctx, inputs, output):
