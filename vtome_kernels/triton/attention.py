@@ -176,7 +176,11 @@ def _attn_bwd_q_kernel(
 
 
 def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
-    """Constexprs for one call: (UPCAST, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D)."""
+    """Launch constants for one call: (UPCAST, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D, warps).
+
+    GPU tiles were chosen with benchmarks/kernel_report.py: no register spills on sm_80
+    and sm_90 (float32 uses IEEE dots on CUDA cores, so smaller tiles).
+    """
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     upcast = interpreting() or dtype in (torch.float32, torch.float64)
     prec = "ieee" if dtype in (torch.float32, torch.float64) or interpreting() else "tf32"
@@ -184,11 +188,13 @@ def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
     if interpreting():
         bm = max(16, min(128, triton.next_power_of_2(nq)))
         bn = max(16, min(128, triton.next_power_of_2(nk)))
-    elif dtype in (torch.float32, torch.float64) or bd > 64:
-        bm, bn = 64, 32
+    elif dtype in (torch.float32, torch.float64):
+        bm, bn = 16, 32
+    elif bd > 64:
+        bm, bn = 32, 32
     else:
         bm, bn = 64, 64
-    return upcast, prec, acc, bm, bn, bd
+    return upcast, prec, acc, bm, bn, bd, 4
 
 
 def _size_args(size, b: int, nk: int, ref: torch.Tensor):
@@ -208,7 +214,7 @@ def attn_fwd(q, k, v, size, scale: float):
     """(out [B, H, Nq, d] in q's dtype, lse [B, H, Nq] float32/64): one launch."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    upcast, prec, acc, bm, bn, bd = attn_config(q.dtype, d, nq, nk)
+    upcast, prec, acc, bm, bn, bd, warps = attn_config(q.dtype, d, nq, nk)
     out = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
@@ -217,7 +223,7 @@ def attn_fwd(q, k, v, size, scale: float):
            q, k, v, s, out, lse, *q.stride(), *k.stride(), *v.stride(), ssb, ssn,
            out.stride(0), out.stride(1), out.stride(2), h, nq, nk, d, *_scale_args(scale, q),
            HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=4)
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=warps)
     return out, lse
 
 
@@ -225,7 +231,7 @@ def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
     """(dq, dk, dv): delta = rowsum(dout·out), then one launch for dk/dv and one for dq."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    upcast, prec, acc, bm, bn, bd = attn_config(q.dtype, d, nq, nk)
+    upcast, prec, acc, bm, bn, bd, warps = attn_config(q.dtype, d, nq, nk)
     dout = dout.contiguous()
     delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).contiguous()
     dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
@@ -234,7 +240,7 @@ def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
     s, ssb, ssn = _size_args(size, b, nk, q)
     common = (*q.stride(), *k.stride(), *v.stride(), ssb, ssn, h, nq, nk, d, *_scale_args(scale, q))
     meta = dict(HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=4)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=warps)
     launch(_attn_bwd_kv_kernel, (triton.cdiv(nk, bn), b * h),
            q, k, v, s, dout, lse, delta, dk, dv, *common, **meta)
     launch(_attn_bwd_q_kernel, (triton.cdiv(nq, bm), b * h),

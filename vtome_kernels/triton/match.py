@@ -143,6 +143,10 @@ def _rank_kernel(
         tl.store(out_row + row, (2 * b + 1).to(tl.int64), mask=b < NB)
 
 
+MATCH_WARPS = 4
+RANK_WARPS = 8  # one program per group: more warps share its |A|² comparisons
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
@@ -170,7 +174,7 @@ def row_max(metric: torch.Tensor, class_token: bool, distill_token: bool):
     launch(_match_kernel, (g, triton.cdiv(na, ba)),
            metric, node_max, node_idx, na, nb, d, *metric.stride(),
            CLS=class_token, DIST=distill_token, BLOCK_A=ba, BLOCK_B=bb,
-           num_warps=4, enable_fp_fusion=False)
+           num_warps=MATCH_WARPS, enable_fp_fusion=False)
     return node_max, node_idx
 
 
@@ -185,7 +189,7 @@ def rank(node_max, node_idx, n: int, r: int, class_token: bool, distill_token: b
     src_score = torch.empty(g, r, dtype=torch.float32, device=dev)
     bi, bj = rank_blocks(na)
     launch(_rank_kernel, (g,), node_max, node_idx, out_idx, src_idx, dst_pos, src_score,
-           na, nb, r, CLS=class_token, DIST=distill_token, BLOCK_I=bi, BLOCK_J=bj, num_warps=4)
+           na, nb, r, CLS=class_token, DIST=distill_token, BLOCK_I=bi, BLOCK_J=bj, num_warps=RANK_WARPS)
     return out_idx, src_idx, dst_pos, src_score
 
 

@@ -129,6 +129,9 @@ def _scatter_back_kernel(
         tl.store(grad_s_ptr + g * N + tok, gsv.to(grad_s_ptr.dtype.element_ty))
 
 
+WARPS = 4
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -136,7 +139,7 @@ def _acc(dtype: torch.dtype):
 def _block_c(c: int) -> int:
     if interpreting():
         return max(16, min(1024, triton.next_power_of_2(c)))
-    return max(16, min(256, triton.next_power_of_2(c)))
+    return max(16, min(128, triton.next_power_of_2(c)))
 
 
 def _block_s(r: int) -> int:
@@ -157,7 +160,7 @@ def merge_fwd(x, size, out_idx, src_idx, dst_pos, src_merged):
            x, size, out, out_s, out_idx, src_idx, dst_pos, merged, n_out, r, c,
            *x.stride(), size.stride(0), size.stride(1), out.stride(0), out.stride(1),
            HAS_MERGED=src_merged is not None, UNION=False, SUM=False, ACC=_acc(x.dtype),
-           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=4)
+           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=WARPS)
     return out, out_s
 
 
@@ -174,7 +177,7 @@ def merge_source_fwd(source, out_idx, src_idx, dst_pos, src_merged):
            work, work, out, out, out_idx, src_idx, dst_pos, merged, n_out, r, c,
            *work.stride(), 0, 0, out.stride(0), out.stride(1),
            HAS_MERGED=src_merged is not None, UNION=True, SUM=False, ACC=acc,
-           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=4)
+           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=WARPS)
     return out.to(source.dtype)
 
 
@@ -189,7 +192,7 @@ def unmerge_bwd(grad_full, out_idx, src_idx, dst_pos):
            grad_full, grad_full, out, out, out_idx, src_idx, dst_pos, src_idx, n_out, r, c,
            *grad_full.stride(), 0, 0, out.stride(0), out.stride(1),
            HAS_MERGED=False, UNION=False, SUM=True, ACC=_acc(grad_full.dtype),
-           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=4)
+           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=WARPS)
     return out
 
 
@@ -203,7 +206,7 @@ def unmerge_fwd(y, out_idx, src_idx, dst_pos, n: int):
            y, out, out_idx, src_idx, dst_pos, n, n_out, r, c,
            *y.stride(), out.stride(0), out.stride(1),
            y, y, y, y, y, src_idx, y, 0, 0, 0, 0, 0, 0, 0,
-           GRAD=False, HAS_GS=False, HAS_MERGED=False, ACC=tl.float32, BLOCK_C=bc, num_warps=4)
+           GRAD=False, HAS_GS=False, HAS_MERGED=False, ACC=tl.float32, BLOCK_C=bc, num_warps=WARPS)
     return out
 
 
@@ -222,7 +225,7 @@ def merge_bwd(grad_x, grad_s, x, size, out_x, out_s, out_idx, src_idx, dst_pos, 
            x, size, out_x, out_s, gs, merged, grad_size,
            *x.stride(), size.stride(0), size.stride(1), out_x.stride(0), out_x.stride(1),
            GRAD=True, HAS_GS=grad_s is not None, HAS_MERGED=src_merged is not None,
-           ACC=_acc(x.dtype), BLOCK_C=bc, num_warps=4)
+           ACC=_acc(x.dtype), BLOCK_C=bc, num_warps=WARPS)
     return grad_in, grad_size
 
 
