@@ -1,12 +1,14 @@
 """vtome_kernels: fused token merging (ToMe) for image and video transformers.
 
-Public API (API.md): ``merge``, ``match`` (a ``MergePlan``), ``prop_attention`` and
-``backends``. Importing the package imports no optional backend and touches no GPU.
+Public API (API.md): ``merge``, ``match`` (a ``MergePlan``), ``prop_attention``,
+``backends``, the model patches ``patch`` and the pictures ``vis``. Importing the package
+imports no optional backend, neither timm nor transformers, and touches no GPU.
 """
 
 from .attention import prop_attention
 from .backends import BackendUnavailableError, backends
 from .merge import MergePlan, match, merge
+from . import patch, vis  # noqa: E402  (light: timm/transformers load on first patch)
 
 __version__ = "0.1.0"
 
@@ -16,5 +18,7 @@ __all__ = [
     "backends",
     "match",
     "merge",
+    "patch",
     "prop_attention",
+    "vis",
 ]
