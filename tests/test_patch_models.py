@@ -10,6 +10,7 @@ import torch
 
 import vtome_kernels as vt
 from patch_models import blocks, build, logits
+from vtome_kernels.patch.common import state_hooks
 
 FAMILIES = ["timm", "videomae", "vivit", "timesformer"]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -91,12 +92,12 @@ def test_patch_twice_changes_nothing(family):
     ids = [id(m) for m in model.modules()]
     patch(model, r=2)
     classes = [type(b) for b in blocks(model)]
-    hooks = len(model._vt.hooks)
+    hooks = state_hooks(model, model._vt)
     with torch.no_grad():
         once = logits(model, x)
     patch(model, r=2)
     assert [type(b) for b in blocks(model)] == classes
-    assert len(model._vt.hooks) == hooks
+    assert state_hooks(model, model._vt) == hooks
     assert [id(m) for m in model.modules()] == ids
     with torch.no_grad():
         torch.testing.assert_close(logits(model, x), once, rtol=0, atol=0)
@@ -182,3 +183,21 @@ def test_wrong_model_type(family):
     model, x, patch, _ = build(family)
     with pytest.raises(TypeError, match="model must be"):
         patch(torch.nn.Linear(2, 2), r=1)
+
+
+def test_deepcopy_of_a_patched_model(family):
+    """A copy merges on its own state: its r is its own, the original is untouched."""
+    model, x, patch, _ = build(family)
+    patch(model, r=0)
+    twin = copy.deepcopy(model)
+    twin.r = 2
+    with torch.no_grad():
+        base = logits(model, x)
+        merged = logits(twin, x)
+    assert twin._vt.tokens == vt.patch.token_counts(twin, x.shape)[:-1]
+    assert model._vt.tokens == vt.patch.token_counts(model, x.shape)[:-1]
+    assert not torch.allclose(base, merged)
+    vt.patch.remove(twin)
+    assert state_hooks(model, model._vt)  # removing the copy's patch leaves the original's
+    with torch.no_grad():
+        torch.testing.assert_close(logits(twin, x), base, rtol=0, atol=1e-5)

@@ -13,7 +13,6 @@ The r schedule is read from ``model.r`` at that moment (int, per-layer list or
 from __future__ import annotations
 
 import time
-import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -65,8 +64,7 @@ class MergeState:
         self.family, self.depth, self.scheme = family, depth, scheme
         self.class_token, self.distill_token = class_token, distill_token
         self.grid_of, self.cost = grid_of, cost
-        self.owner: Optional[Callable[[], object]] = None
-        self.hooks: List[object] = []
+        self.owner: Optional[torch.nn.Module] = None  # the module whose .r is the schedule
         self.timing = False
         # Options (set by configure).
         self.mode, self.threshold, self.prop_attn = "merge", None, True
@@ -121,8 +119,7 @@ class MergeState:
     # -- per forward ------------------------------------------------------------------------
     def begin(self, input_shape: Tuple[int, ...]) -> None:
         """Reset at the start of a forward: read model.r, forget sizes and sources."""
-        owner = self.owner() if self.owner is not None else None
-        r = getattr(owner, "r", 0) if owner is not None else 0
+        r = getattr(self.owner, "r", 0) if self.owner is not None else 0
         self.r_list = self.schedule(r)
         self.size = self.source = self.last = None
         self.grid = self.grid_of(tuple(input_shape))
@@ -202,7 +199,7 @@ def find_state(blocks: Sequence[torch.nn.Module]) -> Optional[MergeState]:
 
 def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: Callable,
             embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
-            extra_hooks: Callable[[MergeState], List[object]] = lambda s: []) -> torch.nn.Module:
+            extra_hooks: Callable[[MergeState], None] = lambda s: None) -> torch.nn.Module:
     """Patch blocks (class swap) and embed (state reset hook) once; (re)set options and r."""
     if len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to patch")
@@ -216,34 +213,55 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
         for i, block in enumerate(blocks):
             block._vt_state, block._vt_index = state, i
             block.__class__ = patched_class(type(block), forward)
-        state.hooks.append(embed.register_forward_pre_hook(_begin_hook(state), with_kwargs=True))
-    state.hooks.extend(extra_hooks(state))
-    state.owner = weakref.ref(model)
+        embed.register_forward_pre_hook(BeginHook(state), with_kwargs=True)
+    extra_hooks(state)
+    state.owner = model
     model._vt = state
     model.r = r
     return model
 
 
-def _begin_hook(state: MergeState):
-    def hook(module, args, kwargs):
+class StateHook:
+    """A hook holding its state as an attribute (not a closure), so that copy.deepcopy of a
+    patched model gives hooks bound to the copy's state."""
+
+    def __init__(self, state: MergeState):
+        self.state = state
+
+
+class BeginHook(StateHook):
+    """Forward pre-hook of the embedding module: a new forward starts."""
+
+    def __call__(self, module, args, kwargs):
         pixels = args[0] if args else next(iter(kwargs.values()), None)
-        state.begin(tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else ())
-    return hook
+        self.state.begin(tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else ())
+
+
+def state_hooks(model: torch.nn.Module, state: MergeState):
+    """(module, key) of every hook of this patch in model (found by scanning, so a deep
+    copy of a patched model finds its own)."""
+    found = []
+    for module in model.modules():
+        for key, hook in module._forward_pre_hooks.items():
+            if isinstance(hook, StateHook) and hook.state is state:
+                found.append((module, key))
+    return found
+
+
+def has_hook(module: torch.nn.Module, kind: type, state: MergeState) -> bool:
+    return any(isinstance(h, kind) and h.state is state for h in module._forward_pre_hooks.values())
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undo a patch: the blocks get their own classes back, the hooks go, ``model.r`` stays."""
-    state = getattr(model, "_vt", None)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by vtome_kernels")
+    state = state_of(model)
+    for module, key in state_hooks(model, state):
+        del module._forward_pre_hooks[key]
+        getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
     for module in model.modules():
         if getattr(module, "_vt_state", None) is state:
             module.__class__ = module.__class__._vt_base
             del module._vt_state, module._vt_index
-        if getattr(module, "_vt_pool_hook", False):
-            del module._vt_pool_hook
-    for handle in state.hooks:
-        handle.remove()
     del model._vt
     return model
 

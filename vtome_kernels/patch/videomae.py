@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import CostModel, MergeState, attend, grid_from, heads_join, heads_split, install
+from .common import CostModel, MergeState, StateHook, attend, has_hook, grid_from, heads_join, heads_split, install
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -31,15 +31,16 @@ def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     return out
 
 
-def _weighted_pool_hook(state: MergeState):
+class _WeightedPool(StateHook):
     """fc_norm receives mean(x); with merging, give it sum(x * size) / sum(size) instead."""
-    def hook(module, args):
-        if not state.weighted_pool or state.size is None or state.last is None:
+
+    def __call__(self, module, args):
+        st = self.state
+        if not st.weighted_pool or st.size is None or st.last is None:
             return None
-        x, size = state.last, state.size.to(state.last.dtype)
-        state.last = None
+        x, size = st.last, st.size.to(st.last.dtype)
+        st.last = None
         return ((x * size).sum(1) / size.sum(1),)
-    return hook
 
 
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = False,
@@ -79,10 +80,8 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     def extra(state):
         norm = head.fc_norm if head is not None else None
-        if norm is None or getattr(norm, "_vt_pool_hook", False):
-            return []
-        norm._vt_pool_hook = True
-        return [norm.register_forward_pre_hook(_weighted_pool_hook(state))]
+        if norm is not None and not has_hook(norm, _WeightedPool, state):
+            norm.register_forward_pre_hook(_WeightedPool(state))
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
