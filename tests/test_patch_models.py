@@ -171,6 +171,14 @@ def test_bad_arguments(family, kwargs, err, words):
         patch(model, **kwargs)
 
 
+def test_failed_repatch_keeps_options(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=2, mode="drop")
+    with pytest.raises(ValueError):
+        patch(model, r=-1, mode="merge")
+    assert model._vt.mode == "drop" and model.r == 2
+
+
 def test_bad_r_attribute_fails_at_forward(family):
     model, x, patch, _ = build(family)
     patch(model, r=1)

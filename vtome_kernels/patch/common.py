@@ -207,8 +207,13 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
     fresh = state is None
     if fresh:
         state = make_state()
-    state.configure(**options)
-    state.schedule(r)  # a bad r fails now, not at the next forward
+    before = dict(vars(state))
+    try:
+        state.configure(**options)
+        state.schedule(r)  # a bad r fails now, not at the next forward
+    except (TypeError, ValueError):
+        vars(state).update(before)  # a failed re-patch leaves the options as they were
+        raise
     if fresh:
         for i, block in enumerate(blocks):
             block._vt_state, block._vt_index = state, i
