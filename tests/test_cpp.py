@@ -5,6 +5,7 @@ dtype tolerances, opcheck of every vtome:: op, gradcheck of the merge and unmerg
 backward in float64, and the fallback when the extension is not built.
 """
 
+import os
 import subprocess
 import sys
 
@@ -273,3 +274,27 @@ def test_unbuilt_extension_falls_back_to_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 4, 2])" in out.stdout
+
+
+@pytest.mark.parametrize("isa", ["generic", "generic16"])
+def test_other_score_kernels_agree(isa):
+    """The baseline kernel and the AVX-512 tile shape (run here without AVX-512) give the
+    reference's choices too (VTOME_ISA picks the kernel at load time: a subprocess)."""
+    code = (
+        "import torch, vtome_kernels as vt\n"
+        "from vtome_kernels import _C\n"
+        f"assert _C.score_kernel() == {isa!r}, _C.score_kernel()\n"
+        "for seed, (n, d, cls, dist) in enumerate([(1569, 64, True, False), (197, 64, True, True),\n"
+        "                                          (51, 7, False, False), (100, 130, False, False)]):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    m = torch.randn(2, n, d, generator=g)\n"
+        "    m[:, 10:30] = m[:, 5:6]\n"
+        "    p, q = (vt.match(m, n // 3, class_token=cls, distill_token=dist, backend=b) for b in ('cpp', 'reference'))\n"
+        "    for f in ('out_idx', 'src_idx', 'dst_idx'):\n"
+        "        assert torch.equal(getattr(p, f), getattr(q, f)), (seed, f)\n"
+        "    assert torch.equal(p.src_score, q.src_score), seed\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, VTOME_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -28,10 +28,12 @@ struct Kernel {
 };
 
 Kernel generic_kernel();
+Kernel generic16_kernel();  // the AVX-512 tile shape on any CPU (for tests)
 Kernel avx2_kernel();
 Kernel avx512_kernel();
 
-// The widest kernel this CPU runs (checked once); VTOME_ISA=generic|avx2|avx512 caps it.
+// The widest kernel this CPU runs (checked once). VTOME_ISA=generic|generic16|avx2|avx512
+// picks one instead (falling back to generic if the CPU lacks it): for tests.
 const Kernel& best_kernel();
 
 }  // namespace scores
