@@ -63,6 +63,8 @@ struct Before {
   }
 };
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
     const at::Tensor& metric, int64_t r, bool class_token, bool distill_token) {
   TORCH_CHECK(metric.dim() == 3, "metric must be [G, N, d], got ", metric.sizes());
@@ -214,8 +216,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
   });
   return {out_idx, src_idx, dst_pos, src_score};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vtome, m) {
   m.def("match(Tensor metric, int r, bool class_token, bool distill_token) -> "
