@@ -209,10 +209,72 @@ def table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------
+# analytic global-memory traffic (estimates: counted from the ops, nothing measured)
+# --------------------------------------------------------------------------------------
+F32, I64 = 4, 8
+
+
+def traffic(shape) -> Dict[str, int]:
+    """Bytes read + written from global memory by one merge step at ``shape``, float32.
+
+    "tome-eager": ToMe's op sequence (benchmarks/providers.py), every op reading its inputs
+    and writing its output once. "score matrix": the (N/2)² float32 scores it writes.
+    "fused": match + rank + merge kernels, assuming a group's metric and its r destination
+    indices stay in L2/L1 while a group's programs reread them (they are <= 1 MB).
+    """
+    g = shape.groups
+    n, c, d = shape.x[-2], shape.x[-1], shape.d
+    na, nb = (n + 1) // 2, n // 2
+    r = min(shape.r, (n - shape.class_token) // 2)
+    n_out, unm = n - r, na - r
+    cls = shape.class_token
+
+    def combine(ch):  # gather unm + gather src + out-of-place scatter_reduce + cat
+        return (2 * unm * ch * F32 + unm * I64 + 2 * r * ch * F32 + r * I64
+                + 2 * nb * ch * F32 + 3 * r * ch * F32 + r * I64
+                + (unm + nb) * ch * F32 + n_out * ch * F32)
+
+    eager = (
+        F32 * (3 * n * d + 2 * n)  # norm, divide
+        + F32 * (n * d + na * nb)  # a @ b.T
+        + (F32 * nb if cls else 0)  # class row fill
+        + F32 * na * nb + na * (F32 + I64)  # max, argmax
+        + na * (F32 + I64)  # argsort
+        + 3 * r * I64  # dst gather
+        + (unm * 3 * I64 if cls else 0)  # unmerged sort
+        + F32 * (2 * n * c + n)  # x * size
+        + combine(c) + combine(1)
+        + F32 * (2 * n_out * c + n_out)  # divide
+    )
+    fused = (
+        F32 * n * d + na * (F32 + F32)  # match: metric in, row max + argmax (int32) out
+        + na * (F32 + F32) + n_out * I64 + r * (I64 + I64 + F32)  # rank
+        + n_out * I64 + 2 * r * I64 + F32 * (n * c + n) + F32 * (n_out * c + n_out)  # merge
+    )
+    return {"tome-eager": g * eager, "score matrix": g * F32 * na * nb, "fused": g * fused}
+
+
+def traffic_table() -> str:
+    lines = ["| shape | tome-eager MB | of which score matrix written+read MB | fused kernels MB | "
+             "ratio |", "|---|---:|---:|---:|---:|"]
+    for shape in PAPER_SHAPES:
+        t = traffic(shape)
+        lines.append(f"| {shape.name} {list(shape.x)} r={shape.r} | {t['tome-eager'] / 1e6:.2f} | "
+                     f"{2 * t['score matrix'] / 1e6:.2f} | {t['fused'] / 1e6:.2f} | "
+                     f"{t['tome-eager'] / t['fused']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--traffic", action="store_true",
+                        help="print only the analytic global-memory traffic per paper shape")
     args = parser.parse_args(argv)
+    if args.traffic:
+        print(traffic_table())
+        return 0
     rows = report(tuple(int(t) for t in args.targets.split(",")))
     import triton
 
