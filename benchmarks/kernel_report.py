@@ -91,8 +91,16 @@ def variants() -> List[Variant]:
         add(Variant("_match_kernel", "match", f"match, {shape.name}",
                     _sig("m_ptr max_ptr idx_ptr NA NB D stride_g stride_n stride_d",
                          {"m_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
-                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba), ("BLOCK_B", bb)),
+                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba), ("BLOCK_B", bb),
+                     ("DOT", ""), ("BLOCK_D", match.match_block_d(shape.d))),
                     fp_fusion=False, num_warps=match.MATCH_WARPS))
+        for prec in ("tf32",):  # the optional faster similarities (MATCH_PRECISION)
+            add(Variant("_match_kernel", "match", f"match ({prec} option), {shape.name}",
+                        _sig("m_ptr max_ptr idx_ptr NA NB D stride_g stride_n stride_d",
+                             {"m_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
+                        (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba),
+                         ("BLOCK_B", bb), ("DOT", prec), ("BLOCK_D", match.match_block_d(shape.d))),
+                        num_warps=match.MATCH_WARPS))
         bi, bj = match.rank_blocks(na)
         add(Variant("_rank_kernel", "match", f"rank, {shape.name}",
                     _sig("max_ptr idx_ptr out_idx_ptr src_idx_ptr dst_pos_ptr score_ptr NA NB R",

@@ -103,6 +103,19 @@ def test_rank_large_groups_with_ties(class_token, distill_token):
         assert torch.equal(a, b)
 
 
+def test_faster_match_precisions(monkeypatch):
+    """MATCH_PRECISION="tf32" (tl.dot tiles) still matches like the reference on inputs
+    without near-ties (the interpreter computes tf32 as float32; on a GPU it rounds)."""
+    backend = importlib.import_module("vtome_kernels.triton")
+    metric = torch.randn(2, 41, 70, generator=torch.Generator().manual_seed(11))
+    want = vt.match(metric, 12, class_token=True, backend="reference")
+    monkeypatch.setattr(backend, "MATCH_PRECISION", "tf32")
+    assert_same_plan(vt.match(metric, 12, class_token=True, backend="triton"), want)
+    monkeypatch.setattr(backend, "MATCH_PRECISION", "fast")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        vt.match(metric, 12, backend="triton")
+
+
 # -- the shared cases: same plan, same merge ---------------------------------------------
 @pytest.mark.parametrize("case", merge_cases(), ids=str)
 def test_same_merge_as_reference(case):

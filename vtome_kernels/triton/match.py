@@ -29,8 +29,15 @@ def _match_kernel(
     stride_g, stride_n, stride_d,
     CLS: tl.constexpr, DIST: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Row max and argmax of the cosine scores of A rows [pid_a block] against every B token."""
+    """Row max and argmax of the cosine scores of A rows [pid_a block] against every B token.
+
+    DOT="" is the exact path (one k at a time, separate multiply and add); DOT="tf32" uses
+    tl.dot on [block, BLOCK_D] tiles (tensor cores) and divides by the norms afterwards:
+    faster, but tf32 rounding and the summation order can give identical tokens different
+    scores, so ties and near-ties may break differently from the reference.
+    """
     g = tl.program_id(0).to(tl.int64)
     pid_a = tl.program_id(1)
     base = m_ptr + g * stride_g
@@ -55,13 +62,25 @@ def _match_kernel(
             v = tl.load(base + b_off + k * stride_d, mask=b_ok, other=0.0).to(tl.float32)
             sq_b = sq_b + v * v
         nrm_b = tl.maximum(tl.sqrt_rn(sq_b), 1e-12)
-        acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-        for k in range(D):
-            va = tl.load(base + a_off + k * stride_d, mask=a_ok, other=0.0).to(tl.float32)
-            vb = tl.load(base + b_off + k * stride_d, mask=b_ok, other=0.0).to(tl.float32)
-            va = tl.div_rn(va, nrm_a)
-            vb = tl.div_rn(vb, nrm_b)
-            acc = acc + va[:, None] * vb[None, :]
+        if DOT == "":
+            acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+            for k in range(D):
+                va = tl.load(base + a_off + k * stride_d, mask=a_ok, other=0.0).to(tl.float32)
+                vb = tl.load(base + b_off + k * stride_d, mask=b_ok, other=0.0).to(tl.float32)
+                va = tl.div_rn(va, nrm_a)
+                vb = tl.div_rn(vb, nrm_b)
+                acc = acc + va[:, None] * vb[None, :]
+        else:
+            kk = tl.arange(0, BLOCK_D)
+            acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_D):
+                k_ok = (k0 + kk) < D
+                ta = tl.load(base + a_off[:, None] + (k0 + kk)[None, :] * stride_d,
+                             mask=a_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                tb = tl.load(base + b_off[:, None] + (k0 + kk)[None, :] * stride_d,
+                             mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(ta, tl.trans(tb), acc, input_precision=DOT)
+            acc = acc * (1.0 / nrm_a)[:, None] * (1.0 / nrm_b)[None, :]  # cosine of raw dots
         masked = ~b_ok[None, :]
         if CLS:
             masked = masked | (a[:, None] == 0)
@@ -158,14 +177,24 @@ def match_blocks(na: int, nb: int):
     return 64, 64
 
 
+def match_block_d(d: int) -> int:
+    """k-tile of the tl.dot option (unused by the exact path); 16 keeps sm_80/90 spill-free."""
+    return 16
+
+
 def rank_blocks(na: int):
     if interpreting():
         return _pow2(na, 16, 1024), _pow2(na, 16, 1024)
     return 64, 128
 
 
-def row_max(metric: torch.Tensor, class_token: bool, distill_token: bool):
+PRECISIONS = ("exact", "tf32")
+
+
+def row_max(metric: torch.Tensor, class_token: bool, distill_token: bool, precision: str = "exact"):
     """(node_max [G, |A|] float32, node_idx [G, |A|] int32): one launch, no score matrix."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     g, n, d = metric.shape
     na, nb = (n + 1) // 2, n // 2
     node_max = torch.empty(g, na, dtype=torch.float32, device=metric.device)
@@ -174,7 +203,9 @@ def row_max(metric: torch.Tensor, class_token: bool, distill_token: bool):
     launch(_match_kernel, (g, triton.cdiv(na, ba)),
            metric, node_max, node_idx, na, nb, d, *metric.stride(),
            CLS=class_token, DIST=distill_token, BLOCK_A=ba, BLOCK_B=bb,
-           num_warps=MATCH_WARPS, enable_fp_fusion=False)
+           DOT="" if precision == "exact" else precision,
+           BLOCK_D=match_block_d(d),
+           num_warps=MATCH_WARPS, enable_fp_fusion=precision != "exact")
     return node_max, node_idx
 
 
@@ -193,9 +224,10 @@ def rank(node_max, node_idx, n: int, r: int, class_token: bool, distill_token: b
     return out_idx, src_idx, dst_pos, src_score
 
 
-def match_impl(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
+def match_impl(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool,
+               precision: str = "exact"):
     """Bipartite soft matching of metric [G, N, d] in two launches (reference.match's contract)."""
-    node_max, node_idx = row_max(metric, class_token, distill_token)
+    node_max, node_idx = row_max(metric, class_token, distill_token, precision)
     return rank(node_max, node_idx, metric.shape[1], r, class_token, distill_token)
 
 
@@ -203,14 +235,14 @@ Tensor = torch.Tensor
 
 
 @torch.library.custom_op("vtome_kernels::triton_match", mutates_args=())
-def match_op(metric: Tensor, r: int, class_token: bool, distill_token: bool
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def match_op(metric: Tensor, r: int, class_token: bool, distill_token: bool,
+             precision: str = "exact") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The matching as one op (no gradient: it is a discrete choice)."""
-    return match_impl(metric, r, class_token, distill_token)
+    return match_impl(metric, r, class_token, distill_token, precision)
 
 
 @match_op.register_fake
-def _match_fake(metric, r, class_token, distill_token):
+def _match_fake(metric, r, class_token, distill_token, precision="exact"):
     g, n = metric.shape[0], metric.shape[1]
     long = dict(dtype=torch.long)
     return (metric.new_empty(g, n - r, **long), metric.new_empty(g, r, **long),
