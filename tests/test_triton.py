@@ -8,12 +8,14 @@ import importlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
 from torch.profiler import ProfilerActivity, profile
 
 import vtome_kernels as vt
 from vtome_kernels import reference
 from vtome_kernels.backends import resolve
-from cases import DTYPE_TOL, Case, assert_same_plan, make, merge_cases
+from cases import DTYPE_TOL, Case, assert_same_plan, cases, make, merge_cases, oracle_results
+from oracle import Ambiguous
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("triton_interpret")
@@ -132,6 +134,35 @@ def test_same_merge_as_reference(case):
         assert torch.equal(plan.merge_source(), want.merge_source())
         y = torch.randn(case.lead + (plan.n_out, 3)).to(case.dtype)
         assert torch.equal(plan.unmerge(y), want.unmerge(y))
+
+
+@settings(max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cases(max_n=24))
+def test_sweep_same_merge_as_reference(case):
+    """A hypothesis sweep (near-ties, which the oracle flags as ambiguous, are skipped)."""
+    x, size, metric = make(case)
+    try:
+        oracle_results(case, x, size, metric)
+    except Ambiguous:
+        assume(False)
+    m = x if metric is None else metric
+    kw = dict(class_token=case.class_token, distill_token=case.distill_token)
+    plan = vt.match(m, case.r, backend="triton", **kw)
+    want = vt.match(m, case.r, backend="reference", **kw)
+    assert_same_plan(plan, want)
+    atol, rtol = DTYPE_TOL[case.dtype]
+    for got, exp in zip(plan.merge(x, size), want.merge(x, size)):
+        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)
+
+
+def test_identical_tokens_break_ties_by_position():
+    x = torch.zeros(1, 12, 4)
+    x[..., 0] = 1.0  # every token identical: all scores equal
+    plan = vt.match(x, 3, backend="triton")
+    assert plan.src_idx.tolist() == [[0, 2, 4]] and plan.dst_idx.tolist() == [[1, 1, 1]]
+    assert plan.unm_idx.tolist() == [[6, 8, 10]]
+    plan = vt.match(x, 3, class_token=True, backend="triton")
+    assert plan.src_idx.tolist() == [[2, 4, 6]] and plan.unm_idx.tolist() == [[0, 8, 10]]
 
 
 @pytest.mark.parametrize("mode", ["drop", "hybrid", "random_merge"])
