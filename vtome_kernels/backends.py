@@ -19,7 +19,6 @@ import torch
 _MODULES = {
     "reference": "vtome_kernels.reference",
     "triton": "vtome_kernels.triton",
-    "triton": "vtome_kernels.triton",
 }
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 NAMES = ("auto",) + tuple(_MODULES)

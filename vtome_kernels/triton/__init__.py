@@ -110,13 +110,19 @@ def prop_attention(q, k, v, size, scale: float):
     return prop_attention_op(q, k, v, size, scale)
 
 
+def select(x, k_per_group: int, groups: int):
+    """reference.select in two launches (scores, then per-group top-K and gather)."""
+    from .select import select as select_kernel
+    return select_kernel(x, k_per_group, groups)
+
+
 class _BackendModule(types.ModuleType):
-    """Keeps the contract functions ``match`` / ``merge`` when their kernel submodules (of
+    """Keeps the contract functions ``match`` / ``merge`` / ``select`` when their kernel submodules (of
     the same names) are imported: Python would otherwise overwrite the package attribute
     with the submodule. The submodules stay reachable through ``sys.modules``."""
 
     def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and name in ("match", "merge"):
+        if isinstance(value, types.ModuleType) and name in ("match", "merge", "select"):
             return
         super().__setattr__(name, value)
 
