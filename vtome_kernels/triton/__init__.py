@@ -26,8 +26,6 @@ NAME = "triton"
 # and one add at a time, bit-identical to the reference; "tf32" uses tl.dot tiles on tensor
 # cores (faster on a GPU) and may then break exact ties and near-ties differently.
 MATCH_PRECISION = "exact"
-_KERNEL_MODULES = ("vtome_kernels.triton.match", "vtome_kernels.triton.merge",
-                   "vtome_kernels.triton.attention")
 
 
 def interpreting() -> bool:
