@@ -112,21 +112,27 @@ def variants() -> List[Variant]:
         idx = {"out_idx_ptr": "*i64", "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64"}
         merge_names = ("x_ptr s_ptr out_ptr out_s_ptr out_idx_ptr src_idx_ptr dst_pos_ptr merged_ptr "
                        "N_OUT R C sxg sxn sxc ssg ssn sog son")
-        for union, label in ((False, "merge"), (True, "merge_source")):
+        # HAS_MERGED: a src_merged mask (drop / hybrid modes); without it merged_ptr is unused
+        for union, has_merged, label in ((False, False, "merge"), (False, True, "merge (drop/hybrid)"),
+                                         (True, False, "merge_source")):
             add(Variant("_merge_kernel", "merge", f"{label}, {shape.name}",
                         _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
-                                           "out_s_ptr": "*fp32", "merged_ptr": "*i1"}),
-                        (("HAS_MERGED", True), ("UNION", union), ("SUM", False), ("ACC", tl.float32),
-                         ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
+                                           "out_s_ptr": "*fp32",
+                                           "merged_ptr": "*i1" if has_merged else "*i64"}),
+                        (("HAS_MERGED", has_merged), ("UNION", union), ("SUM", False),
+                         ("ACC", tl.float32), ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
         back_names = ("y_ptr out_ptr out_idx_ptr src_idx_ptr dst_pos_ptr N N_OUT R C syg syn syc sog son "
                       "x_ptr s_ptr mx_ptr ms_ptr gs_ptr merged_ptr grad_s_ptr sxg sxn sxc ssg ssn smg smn")
         ptrs = {**idx, "y_ptr": "*fp32", "out_ptr": "*fp32", "x_ptr": "*fp32", "s_ptr": "*fp32",
                 "mx_ptr": "*fp32", "ms_ptr": "*fp32", "gs_ptr": "*fp32", "merged_ptr": "*i1",
                 "grad_s_ptr": "*fp32"}
-        for grad, label in ((True, "merge backward"), (False, "unmerge")):
-            add(Variant("_scatter_back_kernel", "merge", f"{label}, {shape.name}", _sig(back_names, ptrs),
-                        (("GRAD", grad), ("HAS_GS", grad), ("HAS_MERGED", grad), ("ACC", tl.float32),
-                         ("BLOCK_C", bc)), num_warps=merge.WARPS))
+        for grad, has_merged, label in ((True, False, "merge backward"),
+                                        (True, True, "merge backward (drop/hybrid)"),
+                                        (False, False, "unmerge")):
+            add(Variant("_scatter_back_kernel", "merge", f"{label}, {shape.name}",
+                        _sig(back_names, {**ptrs, "merged_ptr": "*i1" if has_merged else "*i64"}),
+                        (("GRAD", grad), ("HAS_GS", grad), ("HAS_MERGED", has_merged),
+                         ("ACC", tl.float32), ("BLOCK_C", bc)), num_warps=merge.WARPS))
         add(Variant("_merge_kernel", "merge", f"unmerge backward, {shape.name}",
                     _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
                                        "out_s_ptr": "*fp32", "merged_ptr": "*i64"}),
