@@ -103,7 +103,7 @@ def variants() -> List[Variant]:
                         num_warps=match.MATCH_WARPS))
         bi, bj = match.rank_blocks(na)
         add(Variant("_rank_kernel", "match", f"rank, {shape.name}",
-                    _sig("max_ptr idx_ptr out_idx_ptr src_idx_ptr dst_pos_ptr score_ptr NA NB R",
+                    _sig("max_ptr idx_ptr out_idx_ptr src_idx_ptr dst_pos_ptr score_ptr NA NB R SEARCH",
                          {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_idx_ptr": "*i64",
                           "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64", "score_ptr": "*fp32"}),
                     (("CLS", shape.class_token), ("DIST", False), ("BLOCK_I", bi), ("BLOCK_J", bj)),

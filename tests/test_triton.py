@@ -118,6 +118,27 @@ def test_faster_match_precisions(monkeypatch):
         vt.match(metric, 12, backend="triton")
 
 
+@pytest.mark.parametrize("class_token,distill_token,r", [(False, False, 1), (False, False, 30),
+                                                         (True, True, 59)])
+def test_rank_with_gpu_sized_tiles(monkeypatch, class_token, distill_token, r):
+    """Many programs per group (the GPU's small tiles): each finds the same weakest source."""
+    monkeypatch.setattr(_kernels("match"), "rank_blocks", lambda na: (16, 32))
+    g = torch.Generator().manual_seed(8)
+    scores = torch.randint(0, 9, (1, 61, 60), generator=g).float() / 9
+    scores[:, 5] = -0.0  # -0.0 ties with +0.0, as in the float comparisons of the reference
+    scores[:, 7] = 0.0
+    if class_token:
+        scores[:, 0] = -float("inf")
+    if distill_token:
+        scores[:, :, 0] = -float("inf")
+    node_max = scores.amax(-1)
+    node_idx = torch.where(scores == node_max[..., None], torch.arange(60), 60).amin(-1).int()
+    want = reference.match_scores(scores, r, class_token, distill_token)
+    got = _kernels("match").rank(node_max, node_idx, 121, r, class_token, distill_token)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 # -- the shared cases: same plan, same merge ---------------------------------------------
 @pytest.mark.parametrize("case", merge_cases(), ids=str)
 def test_same_merge_as_reference(case):
