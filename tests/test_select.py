@@ -103,19 +103,34 @@ def _triton_kernel():
     return kernel
 
 
-IMPLS = ["backend:" + n for n in _backend_names()] + (["triton-kernel"] if _triton_kernel() else [])
+def _cpp_op():
+    """torch.ops.vtome.select (csrc/select.cpp) when the C++ extension is built, else None."""
+    try:
+        import vtome_kernels._C  # noqa: F401  registers the vtome:: ops
+    except ImportError:
+        pass
+    try:
+        return torch.ops.vtome.select
+    except (AttributeError, RuntimeError):
+        return None
+
+
+IMPLS = (["backend:" + n for n in _backend_names()]
+         + (["triton-kernel"] if _triton_kernel() else [])
+         + (["cpp-op"] if _cpp_op() is not None else []))
 
 
 def run(impl: str, x: torch.Tensor, budget: int, groups="auto"):
-    """vt.select through a registered backend, or the Triton kernel wrapper called directly
-    (the wrapper takes k per group and the group count, like reference.select)."""
+    """vt.select through a registered backend, or the Triton kernel wrapper / the C++ op
+    called directly (they take k per group and the group count, like reference.select)."""
     if impl.startswith("backend:"):
         return vt.select(x, budget, groups=groups, backend=impl.split(":", 1)[1])
     b, t, l, c = x.shape
     g = oracle_groups(t, groups)
     if budget >= t * l:
         budget = t * l
-    return _triton_kernel()(x, (budget - budget % g) // g, g)
+    kernel = _triton_kernel() if impl == "triton-kernel" else _cpp_op()
+    return kernel(x, (budget - budget % g) // g, g)
 
 
 # -- cases ---------------------------------------------------------------------------------
