@@ -9,6 +9,7 @@
 // - per group the top k_per_group scores, ties to the lower position, NaN above +inf
 //   above every number (torch.sort's order); kept in ascending position order.
 // x is validated by vtome_kernels.select; the checks here guard the op's own contract.
+// The fake (shape) implementation is registered in vtome_kernels/cpp.py.
 
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -138,15 +139,6 @@ std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& x_in, int64_t k_
   return {kept, index};
 }
 
-// Shapes only (torch.compile, fake tensors): kept [B, groups·k, C], index [B, groups·k].
-std::tuple<at::Tensor, at::Tensor> select_meta(const at::Tensor& x, int64_t k_per_group,
-                                               int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "vtome::select: x must be 4-D [B, T, L, C], got ", x.sizes());
-  const int64_t K = groups * k_per_group;
-  return {at::empty({x.size(0), K, x.size(3)}, x.options()),
-          at::empty({x.size(0), K}, x.options().dtype(at::kLong))};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vtome, m) {
@@ -155,8 +147,4 @@ TORCH_LIBRARY_FRAGMENT(vtome, m) {
 
 TORCH_LIBRARY_IMPL(vtome, CPU, m) {
   m.impl("select", &select_cpu);
-}
-
-TORCH_LIBRARY_IMPL(vtome, Meta, m) {
-  m.impl("select", &select_meta);
 }
