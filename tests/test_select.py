@@ -161,6 +161,7 @@ CASES = [
     ((1, 12, 3, 4), 6, (6, 18, 35)),
     ((2, 9, 4, 5), 3, (3, 11, 35)),
     ((1, 16, 9, 3), "auto", (4, 40, 143)),  # a group of 36 patches, C below the unroll
+    ((1, 4, 18, 32), "auto", (6, 31, 71)),  # full 16-patch tiles of the C++ kernel
 ]
 
 
@@ -252,11 +253,12 @@ def test_non_finite_scores_agree(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes(impl, dtype):
-    x = make((2, 8, 5, 6), seed=11, dtype=dtype)
-    kept, index = run(impl, x, 22)
-    ref_kept, ref_index = reference_select(x, 22, "auto")
-    assert torch.equal(index, ref_index) and torch.equal(kept, ref_kept)
-    check(kept, index, x, 22)
+    for shape in ((2, 8, 5, 6), (1, 4, 17, 16)):
+        x = make(shape, seed=11, dtype=dtype)
+        kept, index = run(impl, x, 22)
+        ref_kept, ref_index = reference_select(x, 22, "auto")
+        assert torch.equal(index, ref_index) and torch.equal(kept, ref_kept)
+        check(kept, index, x, 22)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
