@@ -5,6 +5,8 @@ the floor, on the paper shapes; prints the table (and writes it into BENCHMARKS.
     python -m benchmarks                  # all paper shapes, the table on stdout
     python -m benchmarks --write          # ... and update BENCHMARKS.md
     python -m benchmarks --quick          # fewer rounds, no torch.compile (a smoke run)
+    python -m benchmarks --e2e            # ... then whole models unpatched vs patched (minutes)
+    python -m benchmarks --e2e-only       # only the end-to-end part (benchmarks/e2e.py)
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--write", action="store_true", help="update the table in BENCHMARKS.md")
+    ap.add_argument("--e2e", action="store_true", help="also run the end-to-end model benchmark (minutes)")
+    ap.add_argument("--e2e-only", action="store_true", help="run only the end-to-end model benchmark")
     args = ap.parse_args(argv)
+    if args.e2e_only:
+        return _e2e(args, argv)
 
     shapes = [s for s in PAPER_SHAPES
               if not args.shapes or any(k.strip() in s.name for k in args.shapes.split(","))]
@@ -86,6 +92,22 @@ def main(argv=None) -> int:
     if args.write:
         write_benchmarks_md(table, header, pathlib.Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
         progress("BENCHMARKS.md updated")
+    if args.e2e:
+        return _e2e(args, argv)
+    return 0
+
+
+def _e2e(args, argv) -> int:
+    """The end-to-end part (benchmarks/e2e.py); the plot goes to a temp file unless --write."""
+    import tempfile
+
+    from . import e2e
+
+    plot = e2e.PLOT if args.write else pathlib.Path(tempfile.gettempdir()) / e2e.PLOT.name
+    cmd = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    print("\n" + e2e.run(rounds=2 if args.quick else 5, sweep_rounds=1 if args.quick else 3,
+                         write=args.write, plot_path=plot, command=cmd))
+    progress(f"plot: {plot}")
     return 0
 
 

@@ -133,6 +133,14 @@ def run(impl: str, x: torch.Tensor, budget: int, groups="auto"):
     return kernel(x, (budget - budget % g) // g, g)
 
 
+@pytest.fixture(autouse=True)
+def _interpret_triton_impls(request):
+    """The Triton implementations run in Triton's CPU interpreter (tests/conftest.py)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("impl") in ("backend:triton", "triton-kernel"):
+        request.getfixturevalue("triton_interpret")
+
+
 # -- cases ---------------------------------------------------------------------------------
 def make(shape, seed=0, dtype=torch.float32, static=0.0, dup_frames=False):
     """Random x; ``static`` of the patches never change (score 0: exact ties);

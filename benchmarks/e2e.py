@@ -1,0 +1,275 @@
+"""End to end: whole models, unpatched against patched, on random weights (no downloads).
+
+    python -m benchmarks.e2e                 # the table and the VideoMAE-B plot
+    python -m benchmarks.e2e --write         # ... into BENCHMARKS.md and benchmarks/e2e_videomae.png
+    python -m benchmarks --e2e               # the main job runs it after the merge table
+
+For every model: the unpatched library model and a patched deep copy are timed
+interleaved (round-robin, medians), batch 1, inference mode. The FLOP ratio is what the
+token counts imply (vt.patch.flops: linear layers, attention, MLP, matching, embedding);
+speedup / FLOP ratio says how much of that the implementation turns into time. Merge
+share: the time spent in matching and merging (timed inside the patched blocks in
+separate runs) over the patched forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import pathlib
+import re
+import sys
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+import vtome_kernels as vt
+
+from .harness import machine, median_ms, progress, time_interleaved
+
+BEGIN, END = "<!-- e2e-table:begin -->", "<!-- e2e-table:end -->"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PLOT = ROOT / "benchmarks" / "e2e_videomae.png"
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    build: Callable[[bool], torch.nn.Module]   # tiny -> model with random weights
+    shape: Callable[[bool], Tuple[int, ...]]   # tiny -> input shape at batch 1
+    r: int
+    patch: Callable
+
+
+def _videomae(tiny):
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    cfg = VideoMAEConfig(num_labels=400) if not tiny else VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=5)
+    return VideoMAEForVideoClassification(cfg)
+
+
+def _vivit(tiny):
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    cfg = VivitConfig(num_labels=400) if not tiny else VivitConfig(
+        image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=5)
+    return VivitForVideoClassification(cfg)
+
+
+def _timesformer(tiny):
+    from transformers import TimesformerConfig, TimesformerForVideoClassification
+
+    cfg = TimesformerConfig(num_labels=400) if not tiny else TimesformerConfig(
+        image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=5)
+    return TimesformerForVideoClassification(cfg)
+
+
+def _vit(tiny):
+    import timm
+
+    if tiny:
+        return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
+                                 embed_dim=32, num_heads=2, num_classes=5)
+    return timm.create_model("vit_base_patch16_224", pretrained=False)
+
+
+CASES = (
+    Case("VideoMAE-B 16x224", _videomae, lambda t: (1, 4, 3, 32, 32) if t else (1, 16, 3, 224, 224), 150,
+         vt.patch.videomae),
+    Case("ViViT-B 32x224", _vivit, lambda t: (1, 4, 3, 32, 32) if t else (1, 32, 3, 224, 224), 300,
+         vt.patch.vivit),
+    Case("TimeSformer-B 8x224", _timesformer, lambda t: (1, 4, 3, 32, 32) if t else (1, 8, 3, 224, 224), 18,
+         vt.patch.timesformer),
+    Case("timm ViT-B/16 224", _vit, lambda t: (1, 3, 32, 32) if t else (1, 3, 224, 224), 16, vt.patch.timm),
+)
+SWEEP = (0, 25, 50, 75, 100, 125, 150)
+
+
+def _run(model, x):
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _merge_share(model, x, repeats: int) -> float:
+    """Median fraction of the patched forward spent matching and merging."""
+    state = model._vt
+    shares = []
+    state.timing = True
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _run(model, x)
+            total = time.perf_counter() - t0
+            shares.append(state.merge_seconds / total)
+    finally:
+        state.timing = False
+    shares.sort()
+    return shares[len(shares) // 2]
+
+
+def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
+    """Time every case unpatched and patched, interleaved; one dict of numbers per case."""
+    rows = []
+    for i, case in enumerate(cases, 1):
+        progress(f"[{i}/{len(cases)}] {case.name} r={case.r}: building (random weights)")
+        torch.manual_seed(0)
+        base = case.build(tiny).eval()
+        patched = case.patch(copy.deepcopy(base), r=case.r)
+        shape = case.shape(tiny)
+        x = torch.randn(shape)
+        progress(f"    timing unpatched vs patched, {rounds} interleaved rounds")
+        with torch.inference_mode():
+            times = time_interleaved({"unpatched": lambda: _run(base, x), "patched": lambda: _run(patched, x)},
+                                     torch.device("cpu"), rounds, warmup=1)
+            share = _merge_share(patched, x, max(2, min(rounds, 3)))
+        ms0, ms1 = median_ms(times["unpatched"]), median_ms(times["patched"])
+        counts = vt.patch.token_counts(patched, shape)
+        ratio = vt.patch.flops(patched, shape, 0) / vt.patch.flops(patched, shape)
+        row = dict(name=case.name, r=case.r, tokens=(counts[0], counts[-1]), ms0=ms0, ms1=ms1,
+                   speedup=ms0 / ms1, flop_ratio=ratio, share=share)
+        progress(f"    unpatched {ms0:.1f} ms, patched {ms1:.1f} ms: {row['speedup']:.2f}x "
+                 f"(FLOPs imply {ratio:.2f}x), merging {100 * share:.1f}% of the patched forward")
+        rows.append(row)
+        del base, patched
+    return rows
+
+
+def table(rows: List[dict]) -> str:
+    lines = [
+        "| model (batch 1) | r | tokens in -> out | unpatched ms | patched ms | throughput unpatched /s "
+        "| throughput patched /s | speedup | FLOP ratio | speedup / FLOP ratio | merge share |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in rows:
+        lines.append(
+            f"| {w['name']} | {w['r']} | {w['tokens'][0]} -> {w['tokens'][1]} | {w['ms0']:.1f} | {w['ms1']:.1f} "
+            f"| {1e3 / w['ms0']:.2f} | {1e3 / w['ms1']:.2f} | {w['speedup']:.2f}x | {w['flop_ratio']:.2f}x "
+            f"| {w['speedup'] / w['flop_ratio']:.2f} | {100 * w['share']:.1f}% |")
+    return "\n".join(lines)
+
+
+def sweep(rounds: int, tiny: bool, rs: Sequence[int] = SWEEP) -> List[dict]:
+    """VideoMAE-B speedup and tokens against r (one model, r switched between calls)."""
+    case = CASES[0]
+    progress(f"sweep: {case.name}, r in {list(rs)}, {rounds} interleaved rounds")
+    torch.manual_seed(0)
+    base = case.build(tiny).eval()
+    patched = case.patch(copy.deepcopy(base), r=0)
+    shape = case.shape(tiny)
+    x = torch.randn(shape)
+
+    def at(r):
+        def fn():
+            patched.r = r
+            return _run(patched, x)
+        return fn
+
+    fns = {"unpatched": lambda: _run(base, x)}
+    fns.update({f"r={r}": at(r) for r in rs})
+    with torch.inference_mode():
+        times = time_interleaved(fns, torch.device("cpu"), rounds, warmup=1)
+    ms0 = median_ms(times["unpatched"])
+    out = []
+    for r in rs:
+        ms = median_ms(times[f"r={r}"])
+        counts = vt.patch.token_counts(patched, shape, r)
+        ratio = vt.patch.flops(patched, shape, 0) / vt.patch.flops(patched, shape, r)
+        out.append(dict(r=r, ms=ms, speedup=ms0 / ms, final=counts[-1], mean_tokens=sum(counts[:-1]) / (len(counts) - 1),
+                        flop_ratio=ratio))
+        progress(f"    r={r}: {ms:.1f} ms, {ms0 / ms:.2f}x (FLOPs {ratio:.2f}x), final tokens {counts[-1]}")
+    return out
+
+
+def plot(points: List[dict], path: pathlib.Path, title: str) -> None:
+    """Speedup (measured and FLOP-implied) and token counts against r, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [p["r"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    ax.plot(rs, [p["speedup"] for p in points], "o-", color="tab:blue", label="measured speedup")
+    ax.plot(rs, [p["flop_ratio"] for p in points], "s--", color="tab:blue", alpha=0.5, label="FLOP ratio")
+    ax.set_xlabel("r (tokens merged per layer)")
+    ax.set_ylabel("speedup vs unpatched (x)", color="tab:blue")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(rs, [p["final"] for p in points], "^-", color="tab:orange", label="tokens after the last layer")
+    ax2.plot(rs, [p["mean_tokens"] for p in points], "v:", color="tab:orange", label="mean tokens per layer")
+    ax2.set_ylabel("tokens", color="tab:orange")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_section(block: str, path: pathlib.Path) -> None:
+    """Replace the end-to-end table between its markers in BENCHMARKS.md."""
+    text = path.read_text()
+    body = f"{BEGIN}\n{block}\n{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
+    else:
+        text += "\n## End to end\n\n" + body + "\n"
+    path.write_text(text)
+
+
+def run(rounds: int = 5, sweep_rounds: int = 3, only: str = "", tiny: bool = False, write: bool = False,
+        plot_path: Optional[pathlib.Path] = None, command: str = "python -m benchmarks.e2e") -> str:
+    """The end-to-end table (and the VideoMAE plot); returns the markdown block."""
+    cases = [c for c in CASES if not only or any(k.strip() in c.name for k in only.split(","))]
+    rows = model_rows(cases, rounds, tiny)
+    header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch 1, random weights, "
+              f"{rounds} interleaved rounds (sweep {sweep_rounds}), medians. Merge backend on CPU: "
+              f"{_auto_backends()}. Command: `{command}`.")
+    block = header + "\n\n" + table(rows)
+    if plot_path is not None or write:
+        points = sweep(sweep_rounds, tiny)
+        path = plot_path or PLOT
+        plot(points, path, f"VideoMAE-B 16x224, batch 1, CPU ({datetime.date.today()})")
+        block += "\n\n![VideoMAE-B speedup and tokens against r](benchmarks/" + path.name + ")"
+        block += "\n\n| r | patched ms | speedup | FLOP ratio | tokens after last layer |\n|---:|---:|---:|---:|---:|\n"
+        block += "\n".join(f"| {p['r']} | {p['ms']:.1f} | {p['speedup']:.2f}x | {p['flop_ratio']:.2f}x | {p['final']} |"
+                           for p in points)
+    if write:
+        write_section(block, ROOT / "BENCHMARKS.md")
+        progress("BENCHMARKS.md end-to-end section updated")
+    return block
+
+
+def _auto_backends() -> str:
+    from vtome_kernels.backends import resolve
+
+    cpu = torch.device("cpu")
+    return ", ".join(f"{op} -> {resolve('auto', op, cpu).NAME}" for op in ("match", "merge", "prop_attention"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model (default 5)")
+    ap.add_argument("--sweep-rounds", type=int, default=3, help="rounds of the VideoMAE r sweep (default 3)")
+    ap.add_argument("--models", default="", help="comma-separated substrings of model names")
+    ap.add_argument("--plot", action="store_true", help="also run the VideoMAE-B sweep and write the PNG")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run, numbers meaningless)")
+    ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md and the plot")
+    args = ap.parse_args(argv)
+    cmd = "python -m benchmarks.e2e" + ("" if not argv and len(sys.argv) < 2 else
+                                        " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(run(args.rounds, args.sweep_rounds, args.models, args.tiny, args.write,
+              PLOT if args.plot else None, cmd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

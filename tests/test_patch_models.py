@@ -1,0 +1,211 @@
+"""Every model patch on tiny random models: exactness at r=0, the token counts each block
+sees, training, idempotence, options and errors (issue 5)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vtome_kernels as vt
+from patch_models import blocks, build, logits
+from vtome_kernels.patch.common import state_hooks
+
+FAMILIES = ["timm", "videomae", "vivit", "timesformer"]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    pytest.importorskip("timm" if request.param == "timm" else "transformers")
+    return request.param
+
+
+def seen_lengths(model, x):
+    """Sequence length entering every block, and the output length of the last, via hooks."""
+    seen, handles = [], []
+    for blk in blocks(model):
+        handles.append(blk.register_forward_pre_hook(
+            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True))
+    last = []
+    handles.append(blocks(model)[-1].register_forward_hook(
+        lambda m, a, out: last.append((out[0] if isinstance(out, tuple) else out).shape[1])))
+    try:
+        with torch.no_grad():
+            logits(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + last
+
+
+def test_r0_equals_unpatched(family):
+    model, x, patch, _ = build(family)
+    with torch.no_grad():
+        want = logits(model, x)
+        patch(model, r=0)
+        got = logits(model, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [2, [3, 0, 1], (2, -1.0), (2, 1.0)])
+def test_lengths_follow_schedule(family, r):
+    model, x, patch, _ = build(family)
+    patch(model, r=r)
+    want = vt.patch.token_counts(model, x.shape)
+    assert seen_lengths(model, x) == want
+    assert want[-1] < want[0]
+
+
+def test_lengths_clamped_to_half(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=1000)
+    seen = seen_lengths(model, x)
+    assert seen == vt.patch.token_counts(model, x.shape)
+    assert all(b >= (a + 1) // 2 for a, b in zip(seen, seen[1:]))
+
+
+def test_layer_choice_merges_once(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=2, layer=1)
+    seen = seen_lengths(model, x)
+    assert seen == vt.patch.token_counts(model, x.shape)
+    assert seen[0] == seen[1] and seen[1] > seen[2] and seen[2] == seen[3]
+
+
+def test_training_step_reaches_patch_embedding(family):
+    model, x, patch, embed = build(family)
+    patch(model, r=2)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss = logits(model, x).square().mean()
+    loss.backward()
+    assert embed.weight.grad is not None and embed.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+
+
+def test_patch_twice_changes_nothing(family):
+    model, x, patch, _ = build(family)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [id(m) for m in model.modules()]
+    patch(model, r=2)
+    classes = [type(b) for b in blocks(model)]
+    hooks = state_hooks(model, model._vt)
+    with torch.no_grad():
+        once = logits(model, x)
+    patch(model, r=2)
+    assert [type(b) for b in blocks(model)] == classes
+    assert state_hooks(model, model._vt) == hooks
+    assert [id(m) for m in model.modules()] == ids
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, x), once, rtol=0, atol=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+
+
+def test_remove_restores(family):
+    model, x, patch, _ = build(family)
+    with torch.no_grad():
+        want = logits(model, x)
+    classes = [type(b) for b in blocks(model)]
+    patch(model, r=3)
+    vt.patch.remove(model)
+    assert [type(b) for b in blocks(model)] == classes
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opts", [dict(mode="drop"), dict(mode="random_merge"), dict(mode="random_drop"),
+                                  dict(mode="hybrid", threshold=0.0), dict(metric="concat"),
+                                  dict(prop_attn=False), dict(prop_attn=True)])
+def test_options_run(family, opts):
+    model, x, patch, _ = build(family)
+    patch(model, r=2, **opts)
+    assert seen_lengths(model, x) == vt.patch.token_counts(model, x.shape)
+    with torch.no_grad():
+        assert torch.isfinite(logits(model, x)).all()
+
+
+def test_trace_source_covers_every_patch(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=2, trace_source=True)
+    with torch.no_grad():
+        logits(model, x)
+    src = vt.patch.source(model)
+    state = model._vt
+    # Every original token sits in exactly one current token; sizes count them.
+    torch.testing.assert_close(src.sum(-2), torch.ones_like(src.sum(-2)))
+    torch.testing.assert_close(src.sum(-1, keepdim=True), state.size)
+    if state.scheme == "st" and state.protected:  # the class token stays alone at row 0
+        assert src[:, 0, 0].eq(1).all() and src[:, 0].sum(-1).eq(1).all()
+
+
+def test_merging_changes_output_and_follows_r(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=0)
+    with torch.no_grad():
+        base = logits(model, x)
+        model.r = 3
+        merged = logits(model, x)
+        model.r = 0
+        again = logits(model, x)
+    assert not torch.allclose(base, merged)
+    torch.testing.assert_close(again, base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, err, words", [
+    (dict(r=-1), ValueError, "r must be >= 0"),
+    (dict(r=[1, 1, 1, 1]), ValueError, "4 entries but the model has 3 layers"),
+    (dict(r=2, mode="shuffle"), ValueError, "mode must be one of"),
+    (dict(r=2, metric="max"), ValueError, "metric must be one of"),
+    (dict(r=2, layer=3), ValueError, "layer must be in [0, 2]"),
+    (dict(r=2, prop_attn=1), TypeError, "prop_attn must be a bool"),
+    (dict(r=2, mode="hybrid"), TypeError, "threshold must be a float"),
+    (dict(r=1.5), TypeError, "r must be an int"),
+])
+def test_bad_arguments(family, kwargs, err, words):
+    model, x, patch, _ = build(family)
+    with pytest.raises(err, match=pytest.importorskip("re").escape(words)):
+        patch(model, **kwargs)
+
+
+def test_failed_repatch_keeps_options(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=2, mode="drop")
+    with pytest.raises(ValueError):
+        patch(model, r=-1, mode="merge")
+    assert model._vt.mode == "drop" and model.r == 2
+
+
+def test_bad_r_attribute_fails_at_forward(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=1)
+    model.r = -2
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        logits(model, x)
+
+
+def test_wrong_model_type(family):
+    model, x, patch, _ = build(family)
+    with pytest.raises(TypeError, match="model must be"):
+        patch(torch.nn.Linear(2, 2), r=1)
+
+
+def test_deepcopy_of_a_patched_model(family):
+    """A copy merges on its own state: its r is its own, the original is untouched."""
+    model, x, patch, _ = build(family)
+    patch(model, r=0)
+    twin = copy.deepcopy(model)
+    twin.r = 2
+    with torch.no_grad():
+        base = logits(model, x)
+        merged = logits(twin, x)
+    assert twin._vt.tokens == vt.patch.token_counts(twin, x.shape)[:-1]
+    assert model._vt.tokens == vt.patch.token_counts(model, x.shape)[:-1]
+    assert not torch.allclose(base, merged)
+    vt.patch.remove(twin)
+    assert state_hooks(model, model._vt)  # removing the copy's patch leaves the original's
+    with torch.no_grad():
+        torch.testing.assert_close(logits(twin, x), base, rtol=0, atol=1e-5)

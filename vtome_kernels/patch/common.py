@@ -1,0 +1,303 @@
+"""What every model patch shares: options, the per-forward merge state, attention with
+size bias, the merge step of a block, and the class swap that makes a patch idempotent.
+
+A patch swaps the class of each transformer block for a subclass whose ``forward`` runs
+ALGORITHM.md section 3 (attention -> residual -> merge of this layer's r -> MLP). The
+module objects and their weights stay as they are. A forward pre-hook on the embedding
+module resets the state (sizes, source map, the r of every layer) at the start of every
+forward, so it works however the model is entered (``forward``, ``forward_features``, ...).
+The r schedule is read from ``model.r`` at that moment (int, per-layer list or
+(r, inflect), see ``vtome_kernels.schedule``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks
+from ..attention import prop_attention
+from ..merge import MODES, match
+from ..schedule import layer_r
+
+METRICS = ("mean", "concat")
+
+
+class CostModel:
+    """Per-layer FLOPs of a model family from its token counts (see ``budget.py``).
+
+    scheme "st": one sequence of N tokens per clip; "dst": T frames of n tokens each plus
+    a class token set aside (TimeSformer's divided space-time block).
+    """
+
+    def __init__(self, scheme: str, dim: int, mlp: int, heads: int, in_per_token: int,
+                 frames: int = 1):
+        self.scheme, self.dim, self.mlp, self.heads = scheme, dim, mlp, heads
+        self.in_per_token, self.frames = in_per_token, frames
+
+    def embed(self, patches: int) -> float:
+        """The patch embedding: a linear map of each patch's pixels."""
+        return 2.0 * patches * self.in_per_token * self.dim
+
+    def block(self, n: int, r: int, metric_dim: int) -> float:
+        """FLOPs of one block entered by n tokens (per frame for "dst") merging r of them."""
+        c, m = self.dim, self.mlp
+        match_flops = 2.0 * ((n + 1) // 2) * (n // 2) * metric_dim if r > 0 else 0.0
+        if self.scheme == "st":
+            attn = 2.0 * (4 * n * c * c + 2 * n * n * c)
+            return attn + match_flops + 2.0 * 2 * (n - r) * c * m
+        t = self.frames
+        temporal = 2.0 * (4 * n * t * c * c + 2 * n * t * t * c) + 2.0 * n * t * c * c
+        spatial = 2.0 * (4 * t * (n + 1) * c * c + 2 * t * (n + 1) ** 2 * c)
+        return temporal + spatial + t * match_flops + 2.0 * 2 * (1 + (n - r) * t) * c * m
+
+
+class MergeState:
+    """Options of a patched model and what one forward carries from block to block."""
+
+    def __init__(self, family: str, depth: int, scheme: str, class_token: bool,
+                 distill_token: bool, grid_of: Callable[[Tuple[int, ...]], Tuple[int, int, int]],
+                 cost: CostModel):
+        self.family, self.depth, self.scheme = family, depth, scheme
+        self.class_token, self.distill_token = class_token, distill_token
+        self.grid_of, self.cost = grid_of, cost
+        self.owner: Optional[torch.nn.Module] = None  # the module whose .r is the schedule
+        self.timing = False
+        # Options (set by configure).
+        self.mode, self.threshold, self.prop_attn = "merge", None, True
+        self.metric, self.trace_source, self.layer, self.backend = "mean", False, None, "auto"
+        self.weighted_pool = False
+        # Per forward.
+        self.r_list: List[int] = [0] * depth
+        self.size: Optional[torch.Tensor] = None
+        self.source: Optional[torch.Tensor] = None
+        self.grid: Optional[Tuple[int, int, int]] = None
+        self.tokens: List[int] = []
+        self.merge_seconds = 0.0
+        self.last: Optional[torch.Tensor] = None
+
+    @property
+    def protected(self) -> int:
+        return int(self.class_token) + int(self.distill_token)
+
+    # -- options --------------------------------------------------------------------------
+    def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend):
+        _checks.choice("mode", mode, MODES)
+        if mode == "hybrid":
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+                raise TypeError(f"threshold must be a float for mode='hybrid', got {threshold!r}")
+        elif threshold is not None:
+            raise ValueError(f"threshold is only used by mode='hybrid', got mode={mode!r}")
+        _checks.flag("prop_attn", prop_attn)
+        _checks.flag("trace_source", trace_source)
+        _checks.choice("metric", metric, METRICS)
+        if layer is not None:
+            layer = _checks.count("layer", layer)
+            if layer >= self.depth:
+                raise ValueError(f"layer must be in [0, {self.depth - 1}] (the model's blocks), got {layer}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        self.mode, self.threshold, self.prop_attn = mode, threshold, prop_attn
+        self.metric, self.trace_source, self.layer, self.backend = metric, trace_source, layer, backend
+
+    def schedule(self, r) -> List[int]:
+        """The r of every block for a schedule r (int, list, (r, inflect)) and the options.
+
+        With ``layer`` set, all the merging of the schedule (the sum of its r) happens in
+        that block and no other; the merge clamps it to half the tokens as always.
+        """
+        rs = layer_r(r, self.depth)
+        if self.layer is not None:
+            total = sum(rs)
+            rs = [0] * self.depth
+            rs[self.layer] = total
+        return rs
+
+    # -- per forward ------------------------------------------------------------------------
+    def begin(self, input_shape: Tuple[int, ...]) -> None:
+        """Reset at the start of a forward: read model.r, forget sizes and sources."""
+        r = getattr(self.owner, "r", 0) if self.owner is not None else 0
+        self.r_list = self.schedule(r)
+        self.size = self.source = self.last = None
+        self.grid = self.grid_of(tuple(input_shape))
+        self.tokens = []
+        self.merge_seconds = 0.0
+
+    def merge(self, i: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        """Block i's merge of x [B, N, C] (or [B, T, N, C] per frame) by its metric."""
+        r = self.r_list[i] if i < len(self.r_list) else 0
+        if r <= 0:
+            return x
+        t0 = time.perf_counter() if self.timing else 0.0
+        plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
+                     mode=self.mode, threshold=self.threshold, backend=self.backend)
+        if plan.r > 0:
+            if self.trace_source:
+                self.source = plan.merge_source(self.source)
+            x, self.size = plan.merge(x, self.size)
+        if self.timing:
+            self.merge_seconds += time.perf_counter() - t0
+        return x
+
+    def key_metric(self, k: torch.Tensor) -> torch.Tensor:
+        """The matching metric from keys [B, H, N, d]: mean over heads, or heads concatenated."""
+        if self.metric == "mean":
+            return k.mean(1)
+        b, h, n, d = k.shape
+        return k.transpose(1, 2).reshape(b, n, h * d)
+
+    def attn_size(self) -> Optional[torch.Tensor]:
+        """Key sizes for proportional attention, or None (plain attention)."""
+        return self.size if self.prop_attn else None
+
+
+def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str):
+    """Attention of q over k, v [B, H, N, d] with a log(size) bias per key (ALGORITHM.md 2).
+
+    size None is the library's own plain attention (scaled_dot_product_attention), so an
+    unmerged model computes exactly what it computed before the patch. Attention dropout
+    while training needs the probabilities, so it is done step by step.
+    """
+    if training and dropout_p > 0:
+        logits = (q @ k.transpose(-2, -1)) * scale
+        if size is not None:
+            logits = logits + size.float().log()[:, None, None, :, 0].to(logits.dtype)
+        probs = F.dropout(logits.softmax(dim=-1), dropout_p, training=True)
+        return probs @ v
+    if size is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return prop_attention(q, k, v, size, scale=scale, backend=backend)
+
+
+# -- class swapping ---------------------------------------------------------------------------
+_SUBCLASSES: Dict[Tuple[type, Callable], type] = {}
+
+
+def patched_class(cls: type, forward: Callable) -> type:
+    """A subclass of cls whose forward is ``forward`` (made once per class)."""
+    if getattr(cls, "_vt_patched", False):
+        return cls
+    key = (cls, forward)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"VT{cls.__name__}", (cls,), {
+            "forward": forward, "_vt_patched": True, "_vt_base": cls, "__module__": cls.__module__,
+        })
+    return _SUBCLASSES[key]
+
+
+def find_state(blocks: Sequence[torch.nn.Module]) -> Optional[MergeState]:
+    """The state of an already patched model, or None."""
+    states = {id(getattr(b, "_vt_state", None)) for b in blocks}
+    first = getattr(blocks[0], "_vt_state", None) if len(blocks) else None
+    if first is not None and len(states) == 1:
+        return first
+    return None
+
+
+def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: Callable,
+            embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
+            extra_hooks: Callable[[MergeState], None] = lambda s: None) -> torch.nn.Module:
+    """Patch blocks (class swap) and embed (state reset hook) once; (re)set options and r."""
+    if len(blocks) == 0:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to patch")
+    state = find_state(blocks)
+    fresh = state is None
+    if fresh:
+        state = make_state()
+    before = dict(vars(state))
+    try:
+        state.configure(**options)
+        state.schedule(r)  # a bad r fails now, not at the next forward
+    except (TypeError, ValueError):
+        vars(state).update(before)  # a failed re-patch leaves the options as they were
+        raise
+    if fresh:
+        for i, block in enumerate(blocks):
+            block._vt_state, block._vt_index = state, i
+            block.__class__ = patched_class(type(block), forward)
+        embed.register_forward_pre_hook(BeginHook(state), with_kwargs=True)
+    extra_hooks(state)
+    state.owner = model
+    model._vt = state
+    model.r = r
+    return model
+
+
+class StateHook:
+    """A hook holding its state as an attribute (not a closure), so that copy.deepcopy of a
+    patched model gives hooks bound to the copy's state."""
+
+    def __init__(self, state: MergeState):
+        self.state = state
+
+
+class BeginHook(StateHook):
+    """Forward pre-hook of the embedding module: a new forward starts."""
+
+    def __call__(self, module, args, kwargs):
+        pixels = args[0] if args else next(iter(kwargs.values()), None)
+        self.state.begin(tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else ())
+
+
+def state_hooks(model: torch.nn.Module, state: MergeState):
+    """(module, key) of every hook of this patch in model (found by scanning, so a deep
+    copy of a patched model finds its own)."""
+    found = []
+    for module in model.modules():
+        for key, hook in module._forward_pre_hooks.items():
+            if isinstance(hook, StateHook) and hook.state is state:
+                found.append((module, key))
+    return found
+
+
+def has_hook(module: torch.nn.Module, kind: type, state: MergeState) -> bool:
+    return any(isinstance(h, kind) and h.state is state for h in module._forward_pre_hooks.values())
+
+
+def remove(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo a patch: the blocks get their own classes back, the hooks go, ``model.r`` stays."""
+    state = state_of(model)
+    for module, key in state_hooks(model, state):
+        del module._forward_pre_hooks[key]
+        getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
+    for module in model.modules():
+        if getattr(module, "_vt_state", None) is state:
+            module.__class__ = module.__class__._vt_base
+            del module._vt_state, module._vt_index
+    del model._vt
+    return model
+
+
+def state_of(model: torch.nn.Module) -> MergeState:
+    """The merge state of a patched model; a clear error otherwise."""
+    state = getattr(model, "_vt", None)
+    if not isinstance(state, MergeState):
+        raise ValueError(f"{type(model).__name__} is not patched by vtome_kernels: call "
+                         "vt.patch.timm / videomae / vivit / timesformer on it first")
+    return state
+
+
+def grid_from(shape: Tuple[int, ...], names: str, t_step: int, h_step: int, w_step: int,
+              what: str) -> Tuple[int, int, int]:
+    """Token grid (T', h, w) of an input of shape ``shape`` laid out as ``names``."""
+    if len(shape) != len(names):
+        raise ValueError(f"{what} input must be {len(names)}-D ({', '.join(names)}), got shape {shape}")
+    dims = dict(zip(names, shape))
+    t = dims.get("T", 1)
+    return (max(t // t_step, 1) if "T" in dims else 1, dims["H"] // h_step, dims["W"] // w_step)
+
+
+def heads_split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, H*d] -> [B, H, N, d]."""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def heads_join(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, d] -> [B, N, H*d]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+

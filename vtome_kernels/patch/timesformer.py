@@ -1,0 +1,103 @@
+"""Patch for Hugging Face TimeSformer (TimesformerModel, TimesformerForVideoClassification).
+
+Divided space-time scheme. TimeSformer lays its tokens out as [cls, (patch, frame)]: the
+patch index is the outer one, the frame the inner one (TimesformerEmbeddings builds
+``(b n) t m -> b (n t) m``). The patched layer keeps that layout: temporal attention over
+the T frames of every token slot, spatial attention over the tokens of every frame (the
+class token joins each frame, then is averaged back), and then the merge: the class token
+set aside, each frame matched and merged on its own with r per frame (metric: the spatial
+attention's keys), so every frame keeps the same count and temporal attention still sees
+T tokens per slot. Proportional attention (on by default) biases both attentions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import CostModel, MergeState, attend, grid_from, heads_join, heads_split, install
+
+
+def _attention(module, x, size, st):
+    """TimeSformer's attention (qkv + output dense) of x [G, N, C]; also returns the keys."""
+    sa = module.attention
+    g, n, c = x.shape
+    qkv = sa.qkv(x).reshape(g, n, 3, sa.num_heads, c // sa.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    ctx = attend(q, k, v, size, sa.scale, sa.attn_drop.p, sa.training, st.backend)
+    return module.output(heads_join(ctx)), k
+
+
+def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+    st = self._vt_state
+    x = hidden_states
+    st.tokens.append(x.shape[1])
+    t = self.config.num_frames
+    b, length, c = x.shape
+    n = (length - 1) // t
+    cls, tok = x[:, :1], x[:, 1:]                       # tok: [b, (n t), c]
+    size = st.attn_size()                                # [b, t, n, 1] or None
+
+    # Temporal attention over the frames of every token slot.
+    temporal = tok.reshape(b * n, t, c)
+    t_size = None if size is None else size.permute(0, 2, 1, 3).reshape(b * n, t, 1)
+    res, _ = _attention(self.temporal_attention, self.temporal_layernorm(temporal), t_size, st)
+    res = self.temporal_dense(self.drop_path(res).reshape(b, n * t, c))
+    tok = tok + res
+
+    # Spatial attention over the tokens of every frame, the class token joining each frame.
+    spatial = tok.reshape(b, n, t, c).transpose(1, 2).reshape(b * t, n, c)
+    spatial = torch.cat((cls.repeat(1, t, 1).reshape(b * t, 1, c), spatial), dim=1)
+    s_size = None
+    if size is not None:
+        s_size = torch.cat((size.new_ones(b * t, 1, 1), size.reshape(b * t, n, 1)), dim=1)
+    res, k = _attention(self.attention, self.layernorm_before(spatial), s_size, st)
+    res = self.drop_path(res)
+    cls_res = res[:, 0].reshape(b, t, c).mean(1, keepdim=True)
+    res = res[:, 1:].reshape(b, t, n, c).transpose(1, 2).reshape(b, n * t, c)
+    cls, tok = cls + cls_res, tok + res
+
+    # Merge every frame on its own: [b, (n t), c] -> [b, t, n, c] -> [b, t, n - r, c].
+    if st.r_list[self._vt_index] > 0:
+        frames = tok.reshape(b, n, t, c).transpose(1, 2)
+        metric = st.key_metric(k[:, :, 1:]).reshape(b, t, n, -1)
+        frames = st.merge(self._vt_index, frames, metric)
+        tok = frames.transpose(1, 2).reshape(b, -1, c)
+
+    x = torch.cat((cls, tok), dim=1)
+    out = x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
+    return (out, None) if output_attentions else (out,)
+
+
+def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
+                metric: str = "mean", trace_source: bool = False, layer=None,
+                backend: str = "auto"):
+    """Make a TimeSformer (divided space-time attention) merge r tokens per frame per layer.
+
+    Options as vt.patch.timm; r counts tokens per frame. The source map (trace_source) is
+    per frame: [B, T, n', n0] over the n0 patches of each frame.
+    """
+    from transformers import TimesformerForVideoClassification, TimesformerModel
+
+    if isinstance(model, TimesformerForVideoClassification):
+        base = model.timesformer
+    elif isinstance(model, TimesformerModel):
+        base = model
+    else:
+        raise TypeError(f"model must be a transformers TimesformerModel or TimesformerForVideoClassification, "
+                        f"got {type(model).__name__}")
+    cfg = base.config
+    if cfg.attention_type != "divided_space_time":
+        raise ValueError(f"the TimeSformer patch needs attention_type='divided_space_time', got {cfg.attention_type!r}")
+    pe = base.embeddings.patch_embeddings
+    ph, pw = pe.patch_size
+    cost = CostModel("dst", dim=cfg.hidden_size, mlp=cfg.intermediate_size, heads=cfg.num_attention_heads,
+                     in_per_token=cfg.num_channels * ph * pw, frames=cfg.num_frames)
+    blocks = list(base.encoder.layer)
+
+    def make_state():
+        return MergeState("timesformer", len(blocks), "dst", False, False,
+                          lambda shape: grid_from(shape, "BTCHW", 1, ph, pw, "TimeSformer"), cost)
+
+    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
+                   trace_source=trace_source, layer=layer, backend=backend)
+    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options)

@@ -1,0 +1,83 @@
+"""Patch for timm's VisionTransformer (and DeiT's distilled variant): ToMe in every Block.
+
+Block: x + Attn(LN(x)) (the keys give the metric) -> merge r -> x + MLP(LN(x)).
+The class token (and DeiT's distillation token) are protected; proportional attention is
+on by default, as ToMe uses it for supervised ViTs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import CostModel, MergeState, attend, grid_from, install
+
+
+def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    st = self._vt_state
+    if (attn_mask is not None or is_causal) and any(st.r_list):
+        raise ValueError("a patched timm ViT merges tokens, so attn_mask / is_causal cannot be used with r > 0")
+    st.tokens.append(x.shape[1])
+    a = self.attn
+    y = self.norm1(x)
+    b, n, _ = y.shape
+    gate = a.gate(y).sigmoid() if getattr(a, "gate", None) is not None else None
+    qkv = a.qkv(y).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    if attn_mask is not None or is_causal:  # r == 0 everywhere: the library's own attention
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=a.attn_drop.p if a.training else 0.0, scale=a.scale)
+    else:
+        out = attend(q, k, v, st.attn_size(), a.scale, a.attn_drop.p, a.training, st.backend)
+    out = out.transpose(1, 2).reshape(b, n, getattr(a, "attn_dim", a.num_heads * a.head_dim))
+    out = a.norm(out) if hasattr(a, "norm") else out
+    if gate is not None:
+        out = out * gate
+    out = a.proj_drop(a.proj(out))
+    x = x + self.drop_path1(self.ls1(out))
+    x = st.merge(self._vt_index, x, st.key_metric(k))
+    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    return x
+
+
+def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
+                metric: str = "mean", trace_source: bool = False, layer=None,
+                backend: str = "auto"):
+    """Make a timm VisionTransformer merge tokens in every block (in place; returns it).
+
+    r: int, per-layer list or (r, inflect); later ``model.r = ...`` changes it. mode: the
+    modes of vt.merge (threshold for "hybrid"); prop_attn: size bias in attention;
+    metric: "mean" (keys averaged over heads) or "concat"; trace_source: keep the map of
+    original patches per token (for vtome_kernels.vis); layer: do all the schedule's
+    merging in that one block. Patching again only changes the options.
+    """
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"model must be a timm VisionTransformer, got {type(model).__name__}")
+    blocks = list(model.blocks)
+    for i, blk in enumerate(blocks):
+        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+            raise TypeError(f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
+                            "the timm patch supports Block with the standard Attention")
+    if getattr(model, "reg_token", None) is not None:
+        raise ValueError("timm ViTs with register tokens are not supported (only class and distillation tokens are protected)")
+    cls = getattr(model, "cls_token", None) is not None
+    dist = getattr(model, "dist_token", None) is not None
+    if dist and not cls:
+        raise ValueError("a distillation token without a class token is not supported")
+    pe = model.patch_embed
+    ph, pw = pe.patch_size
+    first = blocks[0]
+    cost = CostModel("st", dim=model.embed_dim, mlp=first.mlp.fc1.out_features,
+                     heads=first.attn.num_heads, in_per_token=pe.proj.in_channels * ph * pw)
+
+    def make_state():
+        return MergeState("timm", len(blocks), "st", cls, dist,
+                          lambda shape: grid_from(shape, "BCHW", 1, ph, pw, "timm ViT"), cost)
+
+    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
+                   trace_source=trace_source, layer=layer, backend=backend)
+    return install(model, blocks, _block_forward, pe, make_state, r, options)

@@ -1,0 +1,63 @@
+"""Patch for Hugging Face ViViT (VivitModel, VivitForVideoClassification).
+
+Spatio-temporal scheme: one matching over the class token and all tubelet tokens of a
+clip, the class token protected (never merged, kept at index 0). Proportional attention
+is on by default, as in the video paper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import CostModel, MergeState, attend, grid_from, heads_join, heads_split, install
+
+
+def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+    st = self._vt_state
+    if attention_mask is not None and any(st.r_list):
+        raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
+    x = hidden_states
+    st.tokens.append(x.shape[1])
+    a = self.attention
+    y = self.layernorm_before(x)
+    q, k, v = (heads_split(p(y), a.num_attention_heads) for p in (a.q_proj, a.k_proj, a.v_proj))
+    if attention_mask is not None:  # r == 0 everywhere: the library's masked attention
+        ctx = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, scale=a.scaling,
+            dropout_p=a.attention_dropout if a.training else 0.0)
+    else:
+        ctx = attend(q, k, v, st.attn_size(), a.scaling, a.attention_dropout, a.training, st.backend)
+    x = self.dropout(a.o_proj(heads_join(ctx))) + x
+    x = st.merge(self._vt_index, x, st.key_metric(k))
+    return self.dropout(self.mlp(self.layernorm_after(x))) + x
+
+
+def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
+                metric: str = "mean", trace_source: bool = False, layer=None,
+                backend: str = "auto"):
+    """Make a ViViT model merge tokens in every layer (in place; returns it).
+
+    Options as vt.patch.timm (proportional attention on by default).
+    """
+    from transformers import VivitForVideoClassification, VivitModel
+
+    if isinstance(model, VivitForVideoClassification):
+        base = model.vivit
+    elif isinstance(model, VivitModel):
+        base = model
+    else:
+        raise TypeError(f"model must be a transformers VivitModel or VivitForVideoClassification, "
+                        f"got {type(model).__name__}")
+    cfg = base.config
+    tt, th, tw = cfg.tubelet_size
+    cost = CostModel("st", dim=cfg.hidden_size, mlp=cfg.intermediate_size, heads=cfg.num_attention_heads,
+                     in_per_token=cfg.num_channels * tt * th * tw)
+    blocks = list(base.layers)
+
+    def make_state():
+        return MergeState("vivit", len(blocks), "st", True, False,
+                          lambda shape: grid_from(shape, "BTCHW", tt, th, tw, "ViViT"), cost)
+
+    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
+                   trace_source=trace_source, layer=layer, backend=backend)
+    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options)
