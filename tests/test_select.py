@@ -287,11 +287,12 @@ def test_non_contiguous_input(impl):
 
 
 @given(
-    b=st.integers(1, 2), t=st.integers(1, 9), l=st.integers(1, 8), c=st.integers(1, 9),
+    b=st.integers(1, 2), t=st.integers(1, 9), l=st.integers(1, 20),
+    c=st.sampled_from([1, 2, 3, 5, 8, 9, 16]),
     budget=st.integers(1, 80), groups=st.sampled_from(["auto", 1, 2, 3, 4]),
     static=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**16),
 )
-def test_reference_sweep(b, t, l, c, budget, groups, static, seed):
+def test_reference_and_cpu_backends_sweep(b, t, l, c, budget, groups, static, seed):
     if groups != "auto" and t % groups:
         groups = "auto"
     x = make((b, t, l, c), seed=seed, static=static)
@@ -300,6 +301,10 @@ def test_reference_sweep(b, t, l, c, budget, groups, static, seed):
             vt.select(x, budget, groups=groups, backend="reference")
         return
     kept, index = vt.select(x, budget, groups=groups, backend="reference")
+    for name in _NAMES:  # the compiled CPU backends too (not the slow interpreter)
+        if name not in ("reference", "triton"):
+            k2, i2 = vt.select(x, budget, groups=groups, backend=name)
+            assert torch.equal(i2, index) and torch.equal(k2, kept), name
     try:
         check(kept, index, x, budget, groups)
     except Ambiguous:
