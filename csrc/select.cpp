@@ -248,12 +248,30 @@ std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& x_in, int64_t k_
   return {kept, index};
 }
 
+// The scores alone [B, T, L] float32 (tests compare them bit for bit with the reference).
+at::Tensor select_scores_cpu(const at::Tensor& x_in, int64_t groups) {
+  TORCH_CHECK(x_in.dim() == 4, "vtome::select_scores: x must be 4-D [B, T, L, C], got ",
+              x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), T = x.size(1), L = x.size(2), C = x.size(3);
+  TORCH_CHECK(groups >= 1 && T % groups == 0, "vtome::select_scores: groups must divide T=", T,
+              ", got ", groups);
+  at::Tensor score = at::empty({B, T, L}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "vtome_select_scores", [&] {
+    scores<scalar_t>(x.const_data_ptr<scalar_t>(), B, T, L, C, T / groups,
+                     score.mutable_data_ptr<float>());
+  });
+  return score;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vtome, m) {
   m.def("select(Tensor x, int k_per_group, int groups) -> (Tensor, Tensor)");
+  m.def("select_scores(Tensor x, int groups) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vtome, CPU, m) {
   m.impl("select", &select_cpu);
+  m.impl("select_scores", &select_scores_cpu);
 }

@@ -143,6 +143,10 @@ def _register_select() -> None:
         k = groups * k_per_group
         return x.new_empty(x.shape[0], k, x.shape[-1]), x.new_empty(x.shape[0], k, dtype=torch.long)
 
+    @torch.library.register_fake("vtome::select_scores")
+    def _select_scores_fake(x, groups):
+        return x.new_empty(x.shape[:3], dtype=torch.float32)
+
 
 if _C is not None:
     _register()
