@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "common.h"
@@ -17,28 +18,38 @@ namespace {
 
 constexpr float kNormEps = 1e-12f;  // reference.NORM_EPS, as float32
 
-// Sum of squares of one token in float32, in order k = 0..d-1 (reference.normalize).
+// Sums of squares of kTok tokens at once (reference.normalize: float32, in order
+// k = 0..d-1, a separate multiply and add): one independent chain per token, so the adds'
+// latency overlaps instead of serialising.
+constexpr int kTok = 8;
+
 template <typename T>
-float sum_squares(const T* src, int64_t sk, int64_t d) {
-  float sq = 0.f;
-  for (int64_t k = 0; k < d; ++k) {
-    const float v = static_cast<float>(src[k * sk]);
-    const float p = v * v;
-    sq = sq + p;
-  }
-  return sq;
+void sum_squares(const T* m, int64_t s1, int64_t s2, int64_t d, int64_t count, float* sq) {
+  float acc[kTok] = {};
+  for (int64_t k = 0; k < d; ++k)
+    for (int t = 0; t < kTok; ++t) {
+      const float v = t < count ? static_cast<float>(m[t * s1 + k * s2]) : 0.f;
+      const float p = v * v;
+      acc[t] = acc[t] + p;
+    }
+  for (int t = 0; t < count; ++t) sq[t] = acc[t];
 }
 
-// dst[k * stride] = src[k] / norm (true division). Returns "has a NaN".
+// row[k] = src[k] / norm (true division) into a contiguous row. Returns "has a NaN".
 template <typename T>
-bool divide_token(const T* src, int64_t sk, int64_t d, float norm, float* dst, int64_t stride) {
-  bool nan = false;
-  for (int64_t k = 0; k < d; ++k) {
-    const float q = static_cast<float>(src[k * sk]) / norm;
-    nan |= std::isnan(q);
-    dst[k * stride] = q;
+bool divide_token(const T* src, int64_t sk, int64_t d, float norm, float* row) {
+  if (sk == 1) {  // the common case, vectorised
+    for (int64_t k = 0; k < d; ++k) row[k] = static_cast<float>(src[k]) / norm;
+  } else {
+    for (int64_t k = 0; k < d; ++k) row[k] = static_cast<float>(src[k * sk]) / norm;
   }
-  return nan;
+  uint32_t nan = 0;  // branch-free bit test, so the loop vectorises: |bits| > inf's bits
+  for (int64_t k = 0; k < d; ++k) {
+    uint32_t u;
+    std::memcpy(&u, row + k, 4);
+    nan |= (0x7f800000u - (u & 0x7fffffffu)) >> 31;
+  }
+  return nan != 0;
 }
 
 // Ranking order: larger row max first (NaN largest, as torch.sort), equal values by index.
@@ -51,6 +62,8 @@ struct Before {
     return a > b || (a == b && i < j);
   }
 };
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
     const at::Tensor& metric, int64_t r, bool class_token, bool distill_token) {
@@ -65,9 +78,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
               (n - prot) / 2, "], got ", r);
   const int64_t na = (n + 1) / 2, nb = n / 2;
   const scores::Kernel& kern = scores::best_kernel();
-  const int64_t nbp = (nb + kern.tile_cols - 1) / kern.tile_cols * kern.tile_cols;
+  const int64_t tc = kern.tile_cols;
+  const int64_t nbp = (nb + tc - 1) / tc * tc;
 
-  // Normalised halves: A [G, na, d], Bᵀ [G, d, nbp] (padding NaN: never wins).
+  // Normalised halves: A [G, na, d] and B packed in column panels [G, nbp / tc, d, tc]
+  // (padding NaN: never wins).
   std::vector<float> a(size_t(g * na * d)), bt(size_t(g * d * nbp));
   std::vector<uint8_t> nan_tok(size_t(g * n));
   const int64_t s0 = metric.stride(0), s1 = metric.stride(1), s2 = metric.stride(2);
@@ -78,36 +93,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
   float* sqp = sq.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, metric.scalar_type(), "vtome_norm", [&] {
     const scalar_t* m = metric.data_ptr<scalar_t>();
-    at::parallel_for(0, g * n, 256, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) sqp[t] = sum_squares(m + (t / n) * s0 + (t % n) * s1, s2, d);
+    at::parallel_for(0, (g * n + kTok - 1) / kTok, 32, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {  // kTok tokens of one group at a time
+        int64_t t = c * kTok;
+        const int64_t end = std::min(t + kTok, g * n);
+        while (t < end) {
+          const int64_t gi = t / n, i = t % n, cnt = std::min(end - t, n - i);
+          sum_squares(m + gi * s0 + i * s1, s1, s2, d, cnt, sqp + t);
+          t += cnt;
+        }
+      }
     });
     const at::Tensor norm_t = at::sqrt(sq);
     const float* norm = norm_t.data_ptr<float>();
     at::parallel_for(0, g * n, 256, [&](int64_t t0, int64_t t1) {
+      std::vector<float> row(d);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t gi = t / n, i = t % n;
-        float* dst;
-        int64_t stride;
-        if (i % 2 == 0) {
-          dst = a.data() + (gi * na + i / 2) * d;
-          stride = 1;
-        } else {
-          dst = bt.data() + gi * d * nbp + i / 2;
-          stride = nbp;
-        }
         float nv = norm[t];
         nv = nv < kNormEps ? kNormEps : nv;  // clamp_min; NaN compares false and stays NaN
-        nan_tok[t] = divide_token(m + gi * s0 + i * s1, s2, d, nv, dst, stride);
+        const scalar_t* src = m + gi * s0 + i * s1;
+        if (i % 2 == 0) {  // A: a contiguous row
+          nan_tok[t] = divide_token(src, s2, d, nv, a.data() + (gi * na + i / 2) * d);
+        } else {  // B: a column of its panel
+          nan_tok[t] = divide_token(src, s2, d, nv, row.data());
+          float* dst = bt.data() + gi * d * nbp + scores::bt_index(i / 2, 0, d, tc);
+          for (int64_t k = 0; k < d; ++k) dst[k * tc] = row[k];
+        }
       }
     });
   });
   const float qnan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t gi = 0; gi < g; ++gi) {
     float* b = bt.data() + gi * d * nbp;
-    for (int64_t k = 0; k < d; ++k) {
-      for (int64_t j = nb; j < nbp; ++j) b[k * nbp + j] = qnan;
-      if (distill_token) b[k * nbp] = qnan;  // nothing merges into the distillation token
+    if (nb < nbp) {  // the padding columns, all in the last panel
+      float* last = b + scores::bt_index(nbp - tc, 0, d, tc);
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t j = nb % tc; j < tc; ++j) last[k * tc + j] = qnan;
     }
+    if (distill_token)  // nothing merges into the distillation token (column 0)
+      for (int64_t k = 0; k < d; ++k) b[k * tc] = qnan;
   }
 
   // Row max / argmax, parallel over (group, block of rows).
@@ -191,8 +216,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
   });
   return {out_idx, src_idx, dst_pos, src_score};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vtome, m) {
   m.def("match(Tensor metric, int r, bool class_token, bool distill_token) -> "

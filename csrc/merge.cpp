@@ -85,28 +85,44 @@ void check_rows(const at::Tensor& t, const char* name, int64_t g, int64_t n) {
 // ---------------------------------------------------------------------------------------
 // merge
 // ---------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x_in, const at::Tensor& size,
-                                             const at::Tensor& out_idx, const at::Tensor& src_idx,
-                                             const at::Tensor& dst_pos,
-                                             const c10::optional<at::Tensor>& src_merged) {
+}  // namespace
+
+// size undefined: all ones, and the returned sizes are float32 (API.md: size=None).
+std::tuple<at::Tensor, at::Tensor> merge_cpu_impl(const at::Tensor& x_in, const at::Tensor& size,
+                                                  const at::Tensor& out_idx,
+                                                  const at::Tensor& src_idx,
+                                                  const at::Tensor& dst_pos,
+                                                  const c10::optional<at::Tensor>& src_merged) {
   TORCH_CHECK(x_in.dim() == 3, "x must be [G, N, C], got ", x_in.sizes());
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "x must be a float tensor");
   const int64_t g = x_in.size(0), n = x_in.size(1), c = x_in.size(2);
-  check_rows(size, "size", g, n);
-  TORCH_CHECK(size.size(2) == 1 && at::isFloatingType(size.scalar_type()),
-              "size must be a float [G, N, 1]");
+  if (size.defined()) {
+    check_rows(size, "size", g, n);
+    TORCH_CHECK(size.size(2) == 1 && at::isFloatingType(size.scalar_type()),
+                "size must be a float [G, N, 1]");
+  }
   Plan p = make_plan(g, n, out_idx, src_idx, dst_pos, src_merged);
   const at::Tensor x = last_dim_contiguous(x_in);
   at::Tensor out = at::empty({g, p.n_out, c}, x.options());
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out_s = at::empty({g, p.n_out, 1}, size.options().dtype(acc_type));
-  at::Tensor s = size.to(acc_type).reshape({g, n}).contiguous();
+  at::Tensor out_s = at::empty({g, p.n_out, 1}, x.options().dtype(acc_type));
+  at::Tensor s;  // undefined: ones
+  if (size.defined()) {
+    s = size.to(acc_type).reshape({g, n}).contiguous();
+    // The fast path of vt.merge leaves this check (API.md: sizes are positive) to us.
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "vtome_size_check", [&] {
+      const scalar_t* sp = s.data_ptr<scalar_t>();
+      bool ok = true;
+      for (int64_t t = 0; t < g * n; ++t) ok &= sp[t] > 0;  // NaN fails too
+      TORCH_CHECK_VALUE(ok, "size must be positive everywhere, got min ", s.min().item<double>());
+    });
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "vtome_merge", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const Rows<const scalar_t> xr{x.data_ptr<scalar_t>(), x.stride(0), x.stride(1)};
     const Rows<scalar_t> yr = rows<scalar_t>(out);
-    const acc_t* sp = s.data_ptr<acc_t>();
+    const acc_t* sp = s.defined() ? s.data_ptr<acc_t>() : nullptr;
     acc_t* osp = out_s.data_ptr<acc_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
@@ -115,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x_in, const at::T
         const int64_t gi = t / p.n_out, o = t % p.n_out;
         const Incoming& in = p.in[gi];
         const int64_t b = p.out_idx[t];
-        const acc_t sb = sp[gi * n + b];
+        const acc_t sb = sp ? sp[gi * n + b] : acc_t(1);
         const scalar_t* xb = xr.row(gi, b);
         scalar_t* y = yr.row(gi, o);
         acc_t tot = sb;
@@ -124,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x_in, const at::T
           const int64_t j = in.list[q];
           if (!merges(p, gi, j)) continue;
           const int64_t src = p.src_idx[gi * p.r + j];
-          const acc_t w = sp[gi * n + src];
+          const acc_t w = sp ? sp[gi * n + src] : acc_t(1);
           const scalar_t* xs = xr.row(gi, src);
           if (!received) {
             for (int64_t k = 0; k < c; ++k) acc[k] = static_cast<acc_t>(xb[k]) * sb;
@@ -142,7 +158,17 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x_in, const at::T
       }
     });
   });
-  return {out, out_s.to(size.scalar_type())};
+  return {out, size.defined() ? out_s.to(size.scalar_type()) : out_s.to(at::kFloat)};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x, const at::Tensor& size,
+                                             const at::Tensor& out_idx, const at::Tensor& src_idx,
+                                             const at::Tensor& dst_pos,
+                                             const c10::optional<at::Tensor>& src_merged) {
+  TORCH_CHECK(size.defined(), "size must be a tensor");
+  return merge_cpu_impl(x, size, out_idx, src_idx, dst_pos, src_merged);
 }
 
 // Gradient of merge in x and size (y = Σ x_k s_k / Σ s_k over the row's members):

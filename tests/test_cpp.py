@@ -5,6 +5,7 @@ dtype tolerances, opcheck of every vtome:: op, gradcheck of the merge and unmerg
 backward in float64, and the fallback when the extension is not built.
 """
 
+import os
 import subprocess
 import sys
 
@@ -199,10 +200,13 @@ def _opcheck_args():
          (torch.randn(2, 10, 3, dtype=torch.float64), torch.randn(2, 10, 1, dtype=torch.float64),
           x.detach(), size.detach(), out_idx, src_idx, dst_pos, None)),
         (torch.ops.vtome.unmerge_backward.default, (torch.randn(2, 15, 3), out_idx, src_idx, dst_pos)),
+        (torch.ops.vtome.merge_fused.default, (x, size, metric.double(), 5, True, False)),
+        (torch.ops.vtome.merge_fused.default, (x.detach().bfloat16().requires_grad_(), None, metric,
+                                               4, True, True)),
     ]
 
 
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i", range(11))
 def test_cpp_opcheck(i):
     op, args = _opcheck_args()[i]
     torch.library.opcheck(op, args)
@@ -219,6 +223,43 @@ def test_cpp_compiles_fullgraph():
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, metric), fn(x, metric))
+
+
+# -- the fused fast path of vt.merge ---------------------------------------------------------
+@pytest.mark.parametrize("case", merge_cases()[::2], ids=str)
+def test_fused_fast_path_equals_plan_path(case):
+    """vt.merge (one fused call on CPU) == match + plan.merge of the reference, and
+    == the cpp plan path bit for bit."""
+    x, size, metric = make(case)
+    kw = dict(metric=metric, class_token=case.class_token, distill_token=case.distill_token)
+    got = vt.merge(x, size, case.r, backend="cpp", **kw)
+    m = x if metric is None else metric
+    plan = vt.match(m, case.r, class_token=case.class_token, distill_token=case.distill_token,
+                    backend="cpp")
+    assert all(torch.equal(a, b) for a, b in zip(got, plan.merge(x, size)))
+    want = vt.merge(x, size, case.r, backend="reference", **kw)
+    atol, rtol = DTYPE_TOL[x.dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def test_fused_fast_path_gradients_and_errors():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    size = torch.randint(1, 4, (2, 3, 12, 1), generator=g).double().requires_grad_()
+    metric = torch.randn(2, 3, 12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, s: vt.merge(x, s, 4, metric=metric, class_token=True, backend="cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, size))
+    assert torch.autograd.gradcheck(lambda x: vt.merge(x, None, 4, metric=metric, backend="cpp"), (x,))
+    y, _ = fn(x, size)
+    y.sum().backward()
+    assert metric.grad is None
+    with pytest.raises(ValueError, match="size must be positive everywhere, got min -1"):
+        vt.merge(x.detach(), size.detach() - 2, 3, backend="cpp")
+    with pytest.raises(ValueError, match="size must be positive everywhere"):
+        vt.merge(x.detach(), size.detach() * float("nan"), 3, backend="cpp")
+    xs, ss = x.detach()[0], size.detach()[0]
+    out = vt.merge(xs, ss, 4, backend="cpp")  # 3-D: no reshapes, same result as the plan path
+    assert all(torch.equal(a, b) for a, b in zip(out, vt.match(xs, 4, backend="cpp").merge(xs, ss)))
 
 
 # -- errors, registry, fallback ------------------------------------------------------------
@@ -273,3 +314,27 @@ def test_unbuilt_extension_falls_back_to_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 4, 2])" in out.stdout
+
+
+@pytest.mark.parametrize("isa", ["generic", "generic16"])
+def test_other_score_kernels_agree(isa):
+    """The baseline kernel and the AVX-512 tile shape (run here without AVX-512) give the
+    reference's choices too (VTOME_ISA picks the kernel at load time: a subprocess)."""
+    code = (
+        "import torch, vtome_kernels as vt\n"
+        "from vtome_kernels import _C\n"
+        f"assert _C.score_kernel() == {isa!r}, _C.score_kernel()\n"
+        "for seed, (n, d, cls, dist) in enumerate([(1569, 64, True, False), (197, 64, True, True),\n"
+        "                                          (51, 7, False, False), (100, 130, False, False)]):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    m = torch.randn(2, n, d, generator=g)\n"
+        "    m[:, 10:30] = m[:, 5:6]\n"
+        "    p, q = (vt.match(m, n // 3, class_token=cls, distill_token=dist, backend=b) for b in ('cpp', 'reference'))\n"
+        "    for f in ('out_idx', 'src_idx', 'dst_idx'):\n"
+        "        assert torch.equal(getattr(p, f), getattr(q, f)), (seed, f)\n"
+        "    assert torch.equal(p.src_score, q.src_score), seed\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, VTOME_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

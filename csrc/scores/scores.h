@@ -12,11 +12,16 @@ namespace scores {
 
 struct Problem {
   const float* a;   // [na][d] normalised A rows, row-major
-  const float* bt;  // [d][nbp] normalised B, transposed; columns that must never win
+  const float* bt;  // normalised B packed in panels of tile_cols columns: column j, dim k
+                    // at bt_index(j, k, d, tile_cols); columns that must never win
                     // (padding, a masked distillation column) hold NaN
   int64_t d;
   int64_t nbp;      // padded column count: a multiple of the kernel's tile_cols()
 };
+
+inline int64_t bt_index(int64_t j, int64_t k, int64_t d, int64_t tc) {
+  return (j - j % tc) * d + k * tc + j % tc;
+}
 
 // One implementation: its name, its column tile (nbp must be a multiple of it) and the
 // kernel writing best[i], arg[i] for rows [i0, i1): the largest score of the row over
@@ -28,10 +33,12 @@ struct Kernel {
 };
 
 Kernel generic_kernel();
+Kernel generic16_kernel();  // the AVX-512 tile shape on any CPU (for tests)
 Kernel avx2_kernel();
 Kernel avx512_kernel();
 
-// The widest kernel this CPU runs (checked once); VTOME_ISA=generic|avx2|avx512 caps it.
+// The widest kernel this CPU runs (checked once). VTOME_ISA=generic|generic16|avx2|avx512
+// picks one instead (falling back to generic if the CPU lacks it): for tests.
 const Kernel& best_kernel();
 
 }  // namespace scores

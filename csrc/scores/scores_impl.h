@@ -17,11 +17,29 @@ struct Vec {
   typedef int32_t I __attribute__((vector_size(W * 4), aligned(4)));
 };
 
+// Broadcast (written out: GCC turns these into one vbroadcastss; a lane loop or
+// "vector + scalar" costs shuffles or an extra add).
+template <int W>
+inline __attribute__((always_inline)) typename Vec<W>::F splat(float v);
+template <>
+inline __attribute__((always_inline)) Vec<4>::F splat<4>(float v) {
+  return Vec<4>::F{v, v, v, v};
+}
+template <>
+inline __attribute__((always_inline)) Vec<8>::F splat<8>(float v) {
+  return Vec<8>::F{v, v, v, v, v, v, v, v};
+}
+template <>
+inline __attribute__((always_inline)) Vec<16>::F splat<16>(float v) {
+  return Vec<16>::F{v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v};
+}
+
 // Scores of ROWS rows x (NV * W) columns starting at column j0, folded into the
 // per-lane running maxima (strict >: an earlier column keeps a tie within a lane).
+// bt is the packed panel of these columns: element (k, jj) at bt[k * NV * W + jj].
 template <int W, int ROWS, int NV>
 inline __attribute__((always_inline)) void tile(const float* a, int64_t d, const float* bt,
-                                                int64_t nbp, int64_t j0,
+                                                int64_t j0,
                                                 typename Vec<W>::F* bestv,
                                                 typename Vec<W>::I* bestj) {
   typedef typename Vec<W>::F F;
@@ -29,12 +47,12 @@ inline __attribute__((always_inline)) void tile(const float* a, int64_t d, const
   F acc[ROWS][NV];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = F{} * 0.0f;
-  const float* bk = bt + j0;
-  for (int64_t k = 0; k < d; ++k, bk += nbp) {
+  const float* bk = bt;
+  for (int64_t k = 0; k < d; ++k, bk += NV * W) {
     F b[NV];
     for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const F*>(bk + v * W);
     for (int r = 0; r < ROWS; ++r) {
-      const F ar = F{} + a[r * d + k];  // broadcast
+      const F ar = splat<W>(a[r * d + k]);
       for (int v = 0; v < NV; ++v) {
         const F prod = ar * b[v];  // rounded product, then a rounded add: no FMA
         acc[r][v] = acc[r][v] + prod;
@@ -61,12 +79,12 @@ void rows_block(const vtome::scores::Problem& p, int64_t i, float* best, int64_t
   I bestj[ROWS * NV];
   const float ninf = -__builtin_inff();
   for (int t = 0; t < ROWS * NV; ++t) {
-    bestv[t] = F{} + ninf;
+    bestv[t] = splat<W>(ninf);
     bestj[t] = I{} * 0;
   }
   const float* a = p.a + i * p.d;
   for (int64_t j0 = 0; j0 < p.nbp; j0 += NV * W)
-    tile<W, ROWS, NV>(a, p.d, p.bt, p.nbp, j0, bestv, bestj);
+    tile<W, ROWS, NV>(a, p.d, p.bt + j0 * p.d, j0, bestv, bestj);
   for (int r = 0; r < ROWS; ++r) {
     float m = ninf;
     int32_t mj = 0;
