@@ -92,6 +92,11 @@ def unmerge(y, out_idx, src_idx, dst_pos, n: int):
     return _call(torch.ops.vtome.unmerge.default, (y,), y, out_idx, src_idx, dst_pos, n)
 
 
+def select(x, k_per_group: int, groups: int):
+    """FluxViT selection (csrc/select.cpp): (kept [B, groups·k, C], index [B, groups·k])."""
+    return tuple(torch.ops.vtome.select(x, k_per_group, groups))
+
+
 # Proportional attention on CPU is torch's fused SDPA kernel: nothing to gain in C++.
 prop_attention = reference.prop_attention
 
@@ -182,5 +187,17 @@ def _register() -> None:
     torch.library.register_autograd(lib + "unmerge", unmerge_backward, setup_context=unmerge_setup)
 
 
+def _register_select() -> None:
+    @torch.library.register_fake("vtome::select")
+    def _select_fake(x, k_per_group, groups):
+        k = groups * k_per_group
+        return x.new_empty(x.shape[0], k, x.shape[-1]), x.new_empty(x.shape[0], k, dtype=torch.long)
+
+    @torch.library.register_fake("vtome::select_scores")
+    def _select_scores_fake(x, groups):
+        return x.new_empty(x.shape[:3], dtype=torch.float32)
+
+
 if _C is not None:
     _register()
+    _register_select()
