@@ -25,14 +25,26 @@ constexpr int kTok = 8;
 
 template <typename T>
 void sum_squares(const T* m, int64_t s1, int64_t s2, int64_t d, int64_t count, float* sq) {
-  float acc[kTok] = {};
-  for (int64_t k = 0; k < d; ++k)
-    for (int t = 0; t < kTok; ++t) {
-      const float v = t < count ? static_cast<float>(m[t * s1 + k * s2]) : 0.f;
+  if (count == kTok) {  // a full block: no per-element test, the chains unrolled
+    float acc[kTok] = {};
+    for (int64_t k = 0; k < d; ++k)
+      for (int t = 0; t < kTok; ++t) {
+        const float v = static_cast<float>(m[t * s1 + k * s2]);
+        const float p = v * v;
+        acc[t] = acc[t] + p;
+      }
+    for (int t = 0; t < kTok; ++t) sq[t] = acc[t];
+    return;
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < d; ++k) {
+      const float v = static_cast<float>(m[t * s1 + k * s2]);
       const float p = v * v;
-      acc[t] = acc[t] + p;
+      acc = acc + p;
     }
-  for (int t = 0; t < count; ++t) sq[t] = acc[t];
+    sq[t] = acc;
+  }
 }
 
 // row[k] = src[k] / norm (true division) into a contiguous row. Returns "has a NaN".

@@ -338,3 +338,13 @@ def test_other_score_kernels_agree(isa):
     env = dict(os.environ, VTOME_ISA=isa)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_cpp_empty_batch():
+    x, m = torch.randn(0, 10, 4), torch.randn(0, 10, 3)
+    y, s = vt.merge(x, None, 3, metric=m, backend="cpp")
+    assert y.shape == (0, 7, 4) and s.shape == (0, 7, 1)
+    plan = vt.match(m, 3, backend="cpp")
+    assert plan.merge_source().shape == (0, 7, 10) and plan.unmerge(y).shape == (0, 10, 4)
+    frames = torch.randn(2, 0, 10, 4)
+    assert vt.merge(frames, None, 3, backend="cpp")[0].shape == (2, 0, 7, 4)

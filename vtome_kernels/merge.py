@@ -248,8 +248,8 @@ def merge(
 def _merge_fused(x, size, metric, r, class_token, distill_token, mode, threshold, generator, backend):
     """The fast path of merge(): one backend call for match + merge where the backend has a
     fused op (the C++ backend), for plain well-formed calls. None: take the general path,
-    which also raises every documented error. Saves the general path's per-call work
-    (~30-60 us a layer on CPU, measured: BENCHMARKS.md, C++ CPU backend)."""
+    which also raises every documented error. Saves the general path's per-call work (plan,
+    second dispatch, a separate size pass): measured in BENCHMARKS.md, C++ CPU backend."""
     if (mode != "merge" or threshold is not None or generator is not None or type(r) is not int
             or type(class_token) is not bool or type(distill_token) is not bool
             or (distill_token and not class_token) or backend not in NAMES or metric.shape[-1] == 0):
