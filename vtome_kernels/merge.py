@@ -259,7 +259,10 @@ def _merge_fused(x, size, metric, r, class_token, distill_token, mode, threshold
     if r <= 0 or (size is not None and size.shape != x.shape[:-1] + (1,)):
         return None
     try:
-        fused = getattr(resolve(backend, "merge_fused", x.device), "merge_fused", None)
+        # The module that would merge; only some (cpp) also have the fused op. Resolving
+        # "merge" rather than "merge_fused" keeps a backend without it from raising here
+        # (which torch.compile could not trace).
+        fused = getattr(resolve(backend, "merge", x.device), "merge_fused", None)
     except BackendUnavailableError:
         return None
     if fused is None:
