@@ -12,3 +12,37 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("default", derandomize=True, database=None, **_common)
 settings.register_profile("explore", derandomize=False, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Triton decorates its own language functions when it is first imported, and its CPU
+# interpreter works only if TRITON_INTERPRET=1 was set before that: it is set here, before
+# any test imports triton. Only the tests that ask for the ``triton_interpret`` fixture keep
+# it; every other test runs with it unset, so there the Triton backend stays unusable on CPU
+# ("auto", the benchmark providers) and nothing else runs the slow interpreter.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpret_only_when_asked(request, monkeypatch):
+    if "triton_interpret" not in request.fixturenames:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def triton_interpret(monkeypatch):
+    """Run the Triton backend in Triton's CPU interpreter for one test."""
+    pytest.importorskip("triton")
+    if not _INTERPRET_AT_IMPORT:
+        pytest.fail("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import vtome_kernels.triton as backend
+
+    why = backend.supports("cpu")
+    assert why is None, why
+    return backend

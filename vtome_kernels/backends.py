@@ -18,6 +18,7 @@ import torch
 # name -> module; "auto" tries them in this order for each device type.
 _MODULES = {
     "reference": "vtome_kernels.reference",
+    "triton": "vtome_kernels.triton",
 }
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 NAMES = ("auto",) + tuple(_MODULES)
@@ -49,6 +50,22 @@ def backends() -> Dict[str, BackendStatus]:
 
 
 def resolve(backend: str, op: str, device: torch.device) -> ModuleType:
+    """The backend module that runs ``op`` on ``device`` (see ``_resolve``)."""
+    return _RESOLVED[_choose(backend, op, device)]
+
+
+_RESOLVED: Dict[str, ModuleType] = {}  # module name -> module, filled by _choose
+
+
+@torch.compiler.assume_constant_result  # torch.compile makes the choice once, while tracing
+def _choose(backend: str, op: str, device: torch.device) -> str:
+    """The name of the module ``_resolve`` picks (a constant dynamo can trace through)."""
+    module = _resolve(backend, op, device)
+    _RESOLVED[module.__name__] = module
+    return module.__name__
+
+
+def _resolve(backend: str, op: str, device: torch.device) -> ModuleType:
     """The backend module that runs ``op`` on ``device``.
 
     "auto" takes the first usable backend of the device's order that implements the op;

@@ -197,3 +197,65 @@ def prop_attention(q, k, v, size, scale: float):
     if size is not None:
         mask = size.float().log()[:, None, None, :, 0].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# ======================================================================================
+# select: FluxViT-style token selection to a budget (ALGORITHM.md section 5, API.md)
+# ======================================================================================
+def select_scores(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Change score [B, T, L] float32 of every patch of x [B, T, L, C].
+
+    Frames are split into ``groups`` runs of F = T / groups consecutive frames. A patch's
+    score is the squared L2 distance to the same patch in the previous frame of its group
+    (same order as the L2 distance, without a square root whose rounding could create
+    ties); the group's first frame takes the second frame's score. A group of one frame
+    has no change to measure: its scores are 0, so the tie rule keeps its first patches.
+
+    Computed in float32 from x converted to float32: d = cur - prev, then acc += d * d
+    for c = 0..C-1 in order, a separate multiply and add. A score depends only on its two
+    vectors, so identical frames tie exactly in every backend.
+    """
+    b, t, l, c = x.shape
+    f = t // groups
+    if f == 1:
+        return x.new_zeros(b, t, l, dtype=torch.float32)
+    xc = x.float().permute(3, 0, 1, 2).contiguous()  # [C, B, T, L]: each c a contiguous slab
+    diff = xc[:, :, 1:] - xc[:, :, :-1]  # pair (frame t+1, frame t) for t = 0..T-2
+    sq = diff * diff
+    acc = torch.zeros_like(sq[0])
+    for k in range(c):
+        acc += sq[k]
+    # Frame t scores pair (t, t-1); a group's first frame (t % F == 0) scores (t+1, t).
+    frame = torch.arange(t, device=x.device)
+    pair = torch.where(frame % f == 0, frame, frame - 1)
+    return acc[:, pair]
+
+
+@torch.no_grad()
+def select_index(scores: torch.Tensor, k_per_group: int, groups: int) -> torch.Tensor:
+    """Positions [B, groups * k] in the flattened T·L grid of the kept patches.
+
+    The top k_per_group scores of every group, ties to the lower position (a stable
+    descending sort; NaN ranks above every number, as torch.sort orders it), returned in
+    ascending position order.
+    """
+    b, t, l = scores.shape
+    n_group = (t // groups) * l
+    per_group = scores.reshape(b, groups, n_group)
+    top = torch.sort(per_group, dim=-1, descending=True, stable=True).indices[..., :k_per_group]
+    top = top.sort(dim=-1).values
+    offset = torch.arange(groups, device=scores.device)[:, None] * n_group
+    return (top + offset).reshape(b, groups * k_per_group)
+
+
+def select(x: torch.Tensor, k_per_group: int, groups: int):
+    """Keep the k_per_group most changing patches of every group of frames.
+
+    x [B, T, L, C], groups dividing T, 1 <= k_per_group <= (T / groups)·L (validated by
+    ``vtome_kernels.select``). Returns (kept [B, groups·k, C] in the original (t, l)
+    order, index [B, groups·k] int64 into the flattened T·L grid).
+    """
+    b, t, l, c = x.shape
+    index = select_index(select_scores(x, groups), k_per_group, groups)
+    kept = x.reshape(b, t * l, c).gather(1, index[..., None].expand(-1, -1, c))
+    return kept, index

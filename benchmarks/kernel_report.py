@@ -1,0 +1,226 @@
+"""Static GPU report of the Triton kernels: compiled ahead of time, no GPU needed.
+
+``python -m benchmarks.kernel_report`` compiles every kernel of ``vtome_kernels.triton`` for
+sm_80 (A100) and sm_90 (H100) with ``triton.compile`` and a ``GPUTarget``, at the
+constexprs the paper shapes (benchmarks/shapes.py) run with, and prints per kernel:
+registers per thread, spill stores/loads and shared memory (from ``ptxas -v`` on the
+kernel's PTX, with Triton's own ptxas flags), whether tensor-core instructions are used
+(``mma`` on sm_80, ``wgmma`` / ``mma`` on sm_90, read from the PTX) and the number of fused
+multiply-adds in the match kernels (0: the exact path has none). Nothing here runs a kernel.
+Must run without TRITON_INTERPRET=1 (the kernels must be compiled functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Tuple
+
+import torch
+
+from benchmarks.shapes import PAPER_SHAPES
+
+# Largest dynamic shared memory one block may use (bytes): A100 163 KB, H100 227 KB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+TARGETS = (80, 90)
+ATTN_HEAD_DIMS = (32, 64, 128)  # ViT-B, VideoMAE-B, ViViT-B, TimeSformer use 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kernel: str  # attribute name in its module
+    module: str  # match, merge or attention
+    label: str  # what it is used for
+    signature: Tuple[Tuple[str, str], ...]
+    constexprs: Tuple[Tuple[str, object], ...]
+    fp_fusion: bool = True
+    num_warps: int = 4
+
+
+@dataclasses.dataclass
+class Row:
+    variant: Variant
+    target: int
+    regs: int
+    spill_stores: int
+    spill_loads: int
+    smem: int
+    mma: str
+    fma: int
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f"vtome_kernels.triton.{name}")
+
+
+def _sig(names: str, kinds: Dict[str, str], default: str = "i32") -> Tuple[Tuple[str, str], ...]:
+    return tuple((n, kinds.get(n, default)) for n in names.split())
+
+
+def variants() -> List[Variant]:
+    """Every kernel at the constexprs the paper shapes use (deduplicated)."""
+    import triton.language as tl
+
+    match, merge, attn = _module("match"), _module("merge"), _module("attention")
+    out: Dict[Tuple, Variant] = {}
+
+    def add(v: Variant):
+        """Keep one variant per distinct compilation; list every shape that uses it."""
+        key = (v.kernel, v.signature, v.constexprs, v.num_warps, v.fp_fusion)
+        if key in out:
+            use, shapes = out[key].label.split(", ", 1)
+            new = v.label.split(", ", 1)[1]
+            if new not in shapes.split(" / "):
+                out[key] = dataclasses.replace(out[key], label=f"{use}, {shapes} / {new}")
+        else:
+            out[key] = v
+
+    for shape in PAPER_SHAPES:
+        n, c = shape.x[-2], shape.x[-1]
+        na, nb = (n + 1) // 2, n // 2
+        r = min(shape.r, (n - shape.class_token) // 2)
+        ba, bb = match.match_blocks(na, nb)
+        add(Variant("_match_kernel", "match", f"match, {shape.name}",
+                    _sig("m_ptr max_ptr idx_ptr NA NB D stride_g stride_n stride_d",
+                         {"m_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
+                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba), ("BLOCK_B", bb)),
+                    fp_fusion=False, num_warps=match.MATCH_WARPS))
+        bi, bj = match.rank_blocks(na)
+        add(Variant("_rank_kernel", "match", f"rank, {shape.name}",
+                    _sig("max_ptr idx_ptr out_idx_ptr src_idx_ptr dst_pos_ptr score_ptr NA NB R",
+                         {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_idx_ptr": "*i64",
+                          "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64", "score_ptr": "*fp32"}),
+                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_I", bi), ("BLOCK_J", bj)),
+                    num_warps=match.RANK_WARPS))
+        bs, bc = merge._block_s(r), merge._block_c(c)
+        idx = {"out_idx_ptr": "*i64", "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64"}
+        merge_names = ("x_ptr s_ptr out_ptr out_s_ptr out_idx_ptr src_idx_ptr dst_pos_ptr merged_ptr "
+                       "N_OUT R C sxg sxn sxc ssg ssn sog son")
+        for union, label in ((False, "merge"), (True, "merge_source")):
+            add(Variant("_merge_kernel", "merge", f"{label}, {shape.name}",
+                        _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
+                                           "out_s_ptr": "*fp32", "merged_ptr": "*i1"}),
+                        (("HAS_MERGED", True), ("UNION", union), ("SUM", False), ("ACC", tl.float32),
+                         ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
+        back_names = ("y_ptr out_ptr out_idx_ptr src_idx_ptr dst_pos_ptr N N_OUT R C syg syn syc sog son "
+                      "x_ptr s_ptr mx_ptr ms_ptr gs_ptr merged_ptr grad_s_ptr sxg sxn sxc ssg ssn smg smn")
+        ptrs = {**idx, "y_ptr": "*fp32", "out_ptr": "*fp32", "x_ptr": "*fp32", "s_ptr": "*fp32",
+                "mx_ptr": "*fp32", "ms_ptr": "*fp32", "gs_ptr": "*fp32", "merged_ptr": "*i1",
+                "grad_s_ptr": "*fp32"}
+        for grad, label in ((True, "merge backward"), (False, "unmerge")):
+            add(Variant("_scatter_back_kernel", "merge", f"{label}, {shape.name}", _sig(back_names, ptrs),
+                        (("GRAD", grad), ("HAS_GS", grad), ("HAS_MERGED", grad), ("ACC", tl.float32),
+                         ("BLOCK_C", bc)), num_warps=merge.WARPS))
+        add(Variant("_merge_kernel", "merge", f"unmerge backward, {shape.name}",
+                    _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
+                                       "out_s_ptr": "*fp32", "merged_ptr": "*i64"}),
+                    (("HAS_MERGED", False), ("UNION", False), ("SUM", True), ("ACC", tl.float32),
+                     ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
+
+    strides = ("sqb sqh sqn sqd skb skh skn skd svb svh svn svd ssb ssn")
+    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for d in ATTN_HEAD_DIMS:
+            if dtype == torch.float32 and d != 64:
+                continue
+            upcast, prec, acc, bm, bn, bd, warps = attn.attn_config(dtype, d, 1568, 1568)
+            meta = (("HAS_SIZE", True), ("UPCAST", upcast), ("PREC", prec), ("ACC", acc),
+                    ("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_D", bd), ("SCALE64", False))
+            p = "*" + tname
+            common = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "s_ptr": p, "scale": "fp32", "scale_ptr": p}
+            add(Variant("_attn_fwd_kernel", "attention", f"prop_attention forward, {tname} d={d}",
+                        _sig(f"q_ptr k_ptr v_ptr s_ptr o_ptr lse_ptr {strides} sob soh son H NQ NK D scale "
+                             "scale_ptr", {**common, "o_ptr": p, "lse_ptr": "*fp32"}), meta, num_warps=warps))
+            bwd = {**common, "do_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": p,
+                   "dv_ptr": p, "dq_ptr": p}
+            add(Variant("_attn_bwd_kv_kernel", "attention", f"prop_attention backward dk/dv, {tname} d={d}",
+                        _sig(f"q_ptr k_ptr v_ptr s_ptr do_ptr lse_ptr delta_ptr dk_ptr dv_ptr {strides} "
+                             "H NQ NK D scale scale_ptr", bwd), meta, num_warps=warps))
+            add(Variant("_attn_bwd_q_kernel", "attention", f"prop_attention backward dq, {tname} d={d}",
+                        _sig(f"q_ptr k_ptr v_ptr s_ptr do_ptr lse_ptr delta_ptr dq_ptr {strides} "
+                             "H NQ NK D scale scale_ptr", bwd), meta, num_warps=warps))
+    return list(out.values())
+
+
+def _ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_usage(ptx: str, fp_fusion: bool) -> Tuple[int, int, int, int]:
+    """(registers, spill store bytes, spill load bytes, static smem) from ``ptxas -v``."""
+    arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [_ptxas(), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
+               "-o", os.path.join(tmp, "k.o")] + ([] if fp_fusion else ["--fmad=false"])
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    smem = re.search(r"(\d+) bytes smem", log)
+    return regs, int(spill.group(1)), int(spill.group(2)), int(smem.group(1)) if smem else 0
+
+
+def compile_variant(v: Variant, capability: int) -> Row:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(_module(v.module), v.kernel)
+    sig = dict(v.signature)
+    consts = dict(v.constexprs)
+    sig.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn, sig, constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": v.num_warps, "enable_fp_fusion": v.fp_fusion})
+    ptx = compiled.asm["ptx"]
+    regs, st, ld, static_smem = _ptxas_usage(ptx, v.fp_fusion)
+    mma = ",".join(k for k in ("wgmma", "mma.sync") if k in ptx) or "no"
+    fma = len(re.findall(r"\bfma\.", ptx))
+    return Row(v, capability, regs, st, ld, compiled.metadata.shared + static_smem, mma, fma)
+
+
+def report(targets=TARGETS) -> List[Row]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("run the kernel report without TRITON_INTERPRET=1 (it compiles the kernels)")
+    jobs = [(v, t) for v in variants() for t in targets]
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:  # ptxas runs are independent
+        return list(pool.map(compile_variant, *zip(*jobs)))
+
+
+def table(rows: List[Row]) -> str:
+    lines = ["| kernel | used for | target | registers | spills (st/ld bytes) | shared memory | "
+             "tensor cores | fma in PTX |", "|---|---|---|---:|---:|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r.variant.kernel} | {r.variant.label} | sm_{r.target} | {r.regs} | "
+                     f"{r.spill_stores}/{r.spill_loads} | {r.smem} B (limit {SMEM_LIMIT[r.target]}) | "
+                     f"{r.mma} | {r.fma} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="80,90", help="compute capabilities, e.g. 80,90")
+    args = parser.parse_args(argv)
+    rows = report(tuple(int(t) for t in args.targets.split(",")))
+    import triton
+
+    print(f"triton {triton.__version__}, ptxas {_ptxas()}; {len(rows)} compiled kernels\n")
+    print(table(rows))
+    bad = [r for r in rows if r.spill_stores or r.spill_loads or r.smem > SMEM_LIMIT[r.target]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

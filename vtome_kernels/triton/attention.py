@@ -1,0 +1,298 @@
+"""Triton proportional attention: flash-style softmax(q·kᵀ·scale + log(size)ᵀ)·v.
+
+Forward: one program per (query block, batch·head) streams the keys with a running max and
+sum (the log(size) bias is added to the logits before the running max) and writes the
+output and the log-sum-exp. Backward recomputes the probabilities from the log-sum-exp:
+one kernel accumulates dk and dv per key block, one dq per query block. size None is plain
+attention. Accumulation in float32 (float64 for float64 inputs); bfloat16 / float16 use
+tensor cores on a GPU, float32 uses IEEE dots; under the interpreter every dot is done
+on upcast operands (its bfloat16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting, launch
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, o_ptr, lse_ptr,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssn, sob, soh, son,
+    H, NQ, NK, D, scale, scale_ptr,
+    HAS_SIZE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE64: tl.constexpr,
+):
+    if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
+        scale = tl.load(scale_ptr)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_ok, d_ok = m < NQ, d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + m[:, None] * sqn + d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(ACC)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for n0 in range(0, NK, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < NK
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(ACC)
+            v = v.to(ACC)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+        if HAS_SIZE:
+            sz = tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)
+            s += tl.log(sz).to(ACC)[None, :]  # the reference takes log(size) in float32
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * sob + h * soh + m[:, None] * son + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * NQ + m, m_i + tl.log(l_i), mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssn,
+    H, NQ, NK, D, scale, scale_ptr,
+    HAS_SIZE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE64: tl.constexpr,
+):
+    """dk, dv of one key block: streams every query block (probabilities recomputed)."""
+    if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
+        scale = tl.load(scale_ptr)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    n_ok, d_ok = n < NK, d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :] * svd, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(ACC)
+        v = v.to(ACC)
+    bias = tl.zeros([BLOCK_N], dtype=ACC)
+    if HAS_SIZE:
+        bias = tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)).to(ACC)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    qo = b * sqb + h * sqh  # q and do share the query layout (do is made contiguous like q)
+    for m0 in range(0, NQ, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < NQ
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + qo + m[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + bh.to(tl.int64) * NQ * D + m[:, None] * D + d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(ACC)
+            do = do.to(ACC)
+        lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale + bias[None, :]
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+    dk = dk * scale
+    out = bh.to(tl.int64) * NK * D + n[:, None] * D + d[None, :]
+    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_q_kernel(
+    q_ptr, k_ptr, v_ptr, s_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssn,
+    H, NQ, NK, D, scale, scale_ptr,
+    HAS_SIZE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALE64: tl.constexpr,
+):
+    """dq of one query block: streams every key block (probabilities recomputed)."""
+    if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
+        scale = tl.load(scale_ptr)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_ok, d_ok = m < NQ, d < D
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + m[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + bh.to(tl.int64) * NQ * D + m[:, None] * D + d[None, :], mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(ACC)
+        do = do.to(ACC)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for n0 in range(0, NK, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < NK
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :] * svd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(ACC)
+            v = v.to(ACC)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+        if HAS_SIZE:
+            s += tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)).to(ACC)[None, :]
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
+    dq = dq * scale
+    tl.store(dq_ptr + bh.to(tl.int64) * NQ * D + m[:, None] * D + d[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
+    """Launch constants for one call: (UPCAST, PREC, ACC, BLOCK_M, BLOCK_N, BLOCK_D, warps).
+
+    GPU tiles were chosen with benchmarks/kernel_report.py: no register spills on sm_80
+    and sm_90 (float32 uses IEEE dots on CUDA cores, so smaller tiles).
+    """
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    upcast = interpreting() or dtype in (torch.float32, torch.float64)
+    prec = "ieee" if dtype in (torch.float32, torch.float64) or interpreting() else "tf32"
+    bd = max(16, triton.next_power_of_2(d))
+    if interpreting():
+        bm = max(16, min(128, triton.next_power_of_2(nq)))
+        bn = max(16, min(128, triton.next_power_of_2(nk)))
+    elif dtype in (torch.float32, torch.float64):
+        bm, bn = 16, 32
+    elif bd > 64:
+        bm, bn = 32, 32
+    else:
+        bm, bn = 64, 64
+    return upcast, prec, acc, bm, bn, bd, 4
+
+
+def _size_args(size, b: int, nk: int, ref: torch.Tensor):
+    if size is None:
+        return ref, 0, 0
+    return size, size.stride(0), size.stride(1)
+
+
+def _scale_args(scale: float, q: torch.Tensor):
+    """(scale as a float32 argument, the same scale in a float64 tensor for float64 runs)."""
+    if q.dtype == torch.float64:
+        return float(scale), torch.full((1,), scale, dtype=torch.float64, device=q.device)
+    return float(scale), q
+
+
+def attn_fwd(q, k, v, size, scale: float):
+    """(out [B, H, Nq, d] in q's dtype, lse [B, H, Nq] float32/64): one launch."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    upcast, prec, acc, bm, bn, bd, warps = attn_config(q.dtype, d, nq, nk)
+    out = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                      device=q.device)
+    s, ssb, ssn = _size_args(size, b, nk, q)
+    launch(_attn_fwd_kernel, (triton.cdiv(nq, bm), b * h),
+           q, k, v, s, out, lse, *q.stride(), *k.stride(), *v.stride(), ssb, ssn,
+           out.stride(0), out.stride(1), out.stride(2), h, nq, nk, d, *_scale_args(scale, q),
+           HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=warps)
+    return out, lse
+
+
+def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
+    """(dq, dk, dv): delta = rowsum(dout·out), then one launch for dk/dv and one for dq."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    upcast, prec, acc, bm, bn, bd, warps = attn_config(q.dtype, d, nq, nk)
+    dout = dout.contiguous()
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).contiguous()
+    dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(b, h, nk, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(b, h, nk, d, dtype=v.dtype, device=q.device)
+    s, ssb, ssn = _size_args(size, b, nk, q)
+    common = (*q.stride(), *k.stride(), *v.stride(), ssb, ssn, h, nq, nk, d, *_scale_args(scale, q))
+    meta = dict(HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=warps)
+    launch(_attn_bwd_kv_kernel, (triton.cdiv(nk, bn), b * h),
+           q, k, v, s, dout, lse, delta, dk, dv, *common, **meta)
+    launch(_attn_bwd_q_kernel, (triton.cdiv(nq, bm), b * h),
+           q, k, v, s, dout, lse, delta, dq, *common, **meta)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("vtome_kernels::triton_prop_attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor], scale: float
+                 ) -> Tuple[Tensor, Tensor]:
+    """(out, lse); the log-sum-exp is kept for the backward."""
+    return attn_fwd(q, k, v, size, scale)
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, size, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op("vtome_kernels::triton_prop_attention_backward", mutates_args=())
+def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
+                          out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return attn_bwd(dout, q, k, v, size, out, lse, scale)
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(dout, q, k, v, size, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, size, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, size, output[0], output[1])
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, size, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(dout, q, k, v, size, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def prop_attention_op(q, k, v, size, scale: float):
+    """softmax(q·kᵀ·scale + log(size)ᵀ)·v through the custom op (differentiable in q, k, v)."""
+    return attention_op(q, k, v, size, scale)[0]

@@ -1,0 +1,217 @@
+"""Triton matching: fused normalise + A·Bᵀ + row max/argmax, then the ranking (two launches).
+
+``match`` is bit-for-bit the reference's matching in float32: every score is accumulated
+over k = 0..d-1 one step at a time with a separate multiply and add (the kernels are
+compiled with ``enable_fp_fusion=False``, so no FMA contraction), the norms use IEEE
+``sqrt_rn`` / ``div_rn`` exactly like ``reference.normalize``. The score matrix is never
+written: each program keeps only its rows' running maximum and lowest-index argmax.
+
+The ranking kernel gives every A token its position in the stable descending order of row
+maxima by counting (position of i = #{j: m_j > m_i or (m_j == m_i and j < i)}), one program
+per matching group, and writes the output layout of ``reference._layout`` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting, launch
+
+
+@triton.jit
+def _match_kernel(
+    m_ptr, max_ptr, idx_ptr,
+    NA, NB, D,
+    stride_g, stride_n, stride_d,
+    CLS: tl.constexpr, DIST: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Row max and argmax of the cosine scores of A rows [pid_a block] against every B token."""
+    g = tl.program_id(0).to(tl.int64)
+    pid_a = tl.program_id(1)
+    base = m_ptr + g * stride_g
+    a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = a < NA
+    a_off = (2 * a).to(tl.int64) * stride_n
+    # Norms of the A rows: sum of squares in order k = 0..d-1, IEEE sqrt, clamped.
+    sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    for k in range(D):
+        v = tl.load(base + a_off + k * stride_d, mask=a_ok, other=0.0).to(tl.float32)
+        sq_a = sq_a + v * v
+    nrm_a = tl.maximum(tl.sqrt_rn(sq_a), 1e-12)
+
+    run_max = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    run_idx = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < NB
+        b_off = (2 * b + 1).to(tl.int64) * stride_n
+        sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k in range(D):
+            v = tl.load(base + b_off + k * stride_d, mask=b_ok, other=0.0).to(tl.float32)
+            sq_b = sq_b + v * v
+        nrm_b = tl.maximum(tl.sqrt_rn(sq_b), 1e-12)
+        acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+        for k in range(D):
+            va = tl.load(base + a_off + k * stride_d, mask=a_ok, other=0.0).to(tl.float32)
+            vb = tl.load(base + b_off + k * stride_d, mask=b_ok, other=0.0).to(tl.float32)
+            va = tl.div_rn(va, nrm_a)
+            vb = tl.div_rn(vb, nrm_b)
+            acc = acc + va[:, None] * vb[None, :]
+        masked = ~b_ok[None, :]
+        if CLS:
+            masked = masked | (a[:, None] == 0)
+        if DIST:
+            masked = masked | (b[None, :] == 0)
+        acc = tl.where(masked, float("-inf"), acc)
+        t_max = tl.max(acc, axis=1)
+        hit = (acc == t_max[:, None]) & b_ok[None, :]
+        t_idx = tl.min(tl.where(hit, b[None, :], NB), axis=1)
+        better = t_max > run_max  # equal maxima keep the earlier (lower) column
+        run_idx = tl.where(better, t_idx, run_idx)
+        run_max = tl.where(better, t_max, run_max)
+    out = g * NA + a
+    tl.store(max_ptr + out, run_max, mask=a_ok)
+    tl.store(idx_ptr + out, run_idx, mask=a_ok)
+
+
+@triton.jit
+def _rank_kernel(
+    max_ptr, idx_ptr, out_idx_ptr, src_idx_ptr, dst_pos_ptr, score_ptr,
+    NA, NB, R,
+    CLS: tl.constexpr, DIST: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Ranking and output layout of one matching group (one program per group)."""
+    g = tl.program_id(0).to(tl.int64)
+    n_unm = NA - R
+    n_out = n_unm + NB
+    mrow = max_ptr + g * NA
+    out_row = out_idx_ptr + g * n_out
+    last = 0  # the A token ranked R - 1: the weakest source
+    for i0 in range(0, NA, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = i < NA
+        mi = tl.load(mrow + i, mask=i_ok, other=0.0)
+        pos = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for j0 in range(0, NA, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = j < NA
+            mj = tl.load(mrow + j, mask=j_ok, other=0.0)
+            before = (mj[None, :] > mi[:, None]) | ((mj[None, :] == mi[:, None]) & (j[None, :] < i[:, None]))
+            pos += tl.sum((before & j_ok[None, :]).to(tl.int32), axis=1)
+        src = (pos < R) & i_ok
+        dst_b = tl.load(idx_ptr + g * NA + i, mask=src, other=0)
+        dst = n_unm + dst_b
+        if DIST:
+            dst = tl.where(dst_b == 0, 1, dst)
+        rank = g * R + pos
+        tl.store(src_idx_ptr + rank, (2 * i).to(tl.int64), mask=src)
+        tl.store(dst_pos_ptr + rank, dst.to(tl.int64), mask=src)
+        tl.store(score_ptr + rank, mi, mask=src)
+        if not CLS:  # unmerged tokens stay in descending-score order
+            tl.store(out_row + (pos - R), (2 * i).to(tl.int64), mask=i_ok & (pos >= R))
+        last += tl.sum(tl.where((pos == R - 1) & i_ok, i, 0))
+    if CLS:  # unmerged tokens back in ascending order: u_i = #{j < i unmerged}
+        m_last = tl.load(mrow + last)
+        for i0 in range(0, NA, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            i_ok = i < NA
+            mi = tl.load(mrow + i, mask=i_ok, other=0.0)
+            src_i = (mi > m_last) | ((mi == m_last) & (i <= last))
+            u = tl.zeros([BLOCK_I], dtype=tl.int32)
+            for j0 in range(0, NA, BLOCK_J):
+                j = j0 + tl.arange(0, BLOCK_J)
+                j_ok = j < NA
+                mj = tl.load(mrow + j, mask=j_ok, other=0.0)
+                src_j = (mj > m_last) | ((mj == m_last) & (j <= last))
+                earlier = (~src_j[None, :]) & j_ok[None, :] & (j[None, :] < i[:, None])
+                u += tl.sum(earlier.to(tl.int32), axis=1)
+            row = u
+            if DIST:  # [cls, dist, other unmerged A, other B]
+                row = tl.where(u == 0, 0, u + 1)
+            tl.store(out_row + row, (2 * i).to(tl.int64), mask=i_ok & ~src_i)
+    for b0 in range(0, NB, BLOCK_J):  # every B token, in order, after the unmerged A tokens
+        b = b0 + tl.arange(0, BLOCK_J)
+        row = n_unm + b
+        if DIST:
+            row = tl.where(b == 0, 1, row)
+        tl.store(out_row + row, (2 * b + 1).to(tl.int64), mask=b < NB)
+
+
+MATCH_WARPS = 4
+RANK_WARPS = 8  # one program per group: more warps share its |A|² comparisons
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def match_blocks(na: int, nb: int):
+    """Tiles of the match kernel: large under the interpreter (fewer Python-level steps)."""
+    if interpreting():
+        return _pow2(na, 16, 256), _pow2(nb, 16, 256)
+    return 64, 64
+
+
+def rank_blocks(na: int):
+    if interpreting():
+        return _pow2(na, 16, 1024), _pow2(na, 16, 1024)
+    return 64, 128
+
+
+def row_max(metric: torch.Tensor, class_token: bool, distill_token: bool):
+    """(node_max [G, |A|] float32, node_idx [G, |A|] int32): one launch, no score matrix."""
+    g, n, d = metric.shape
+    na, nb = (n + 1) // 2, n // 2
+    node_max = torch.empty(g, na, dtype=torch.float32, device=metric.device)
+    node_idx = torch.empty(g, na, dtype=torch.int32, device=metric.device)
+    ba, bb = match_blocks(na, nb)
+    launch(_match_kernel, (g, triton.cdiv(na, ba)),
+           metric, node_max, node_idx, na, nb, d, *metric.stride(),
+           CLS=class_token, DIST=distill_token, BLOCK_A=ba, BLOCK_B=bb,
+           num_warps=MATCH_WARPS, enable_fp_fusion=False)
+    return node_max, node_idx
+
+
+def rank(node_max, node_idx, n: int, r: int, class_token: bool, distill_token: bool):
+    """The matching tensors (out_idx, src_idx, dst_pos, src_score) from the row maxima."""
+    g, na = node_max.shape
+    nb = n // 2
+    dev = node_max.device
+    out_idx = torch.empty(g, n - r, dtype=torch.int64, device=dev)
+    src_idx = torch.empty(g, r, dtype=torch.int64, device=dev)
+    dst_pos = torch.empty(g, r, dtype=torch.int64, device=dev)
+    src_score = torch.empty(g, r, dtype=torch.float32, device=dev)
+    bi, bj = rank_blocks(na)
+    launch(_rank_kernel, (g,), node_max, node_idx, out_idx, src_idx, dst_pos, src_score,
+           na, nb, r, CLS=class_token, DIST=distill_token, BLOCK_I=bi, BLOCK_J=bj, num_warps=RANK_WARPS)
+    return out_idx, src_idx, dst_pos, src_score
+
+
+def match_impl(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
+    """Bipartite soft matching of metric [G, N, d] in two launches (reference.match's contract)."""
+    node_max, node_idx = row_max(metric, class_token, distill_token)
+    return rank(node_max, node_idx, metric.shape[1], r, class_token, distill_token)
+
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("vtome_kernels::triton_match", mutates_args=())
+def match_op(metric: Tensor, r: int, class_token: bool, distill_token: bool
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The matching as one op (no gradient: it is a discrete choice)."""
+    return match_impl(metric, r, class_token, distill_token)
+
+
+@match_op.register_fake
+def _match_fake(metric, r, class_token, distill_token):
+    g, n = metric.shape[0], metric.shape[1]
+    long = dict(dtype=torch.long)
+    return (metric.new_empty(g, n - r, **long), metric.new_empty(g, r, **long),
+            metric.new_empty(g, r, **long), metric.new_empty(g, r, dtype=torch.float32))
