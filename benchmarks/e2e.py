@@ -4,8 +4,9 @@
     python -m benchmarks.e2e --write         # ... into BENCHMARKS.md and benchmarks/e2e_videomae.png
     python -m benchmarks --e2e               # the main job runs it after the merge table
 
-For every model: the unpatched library model and a patched deep copy are timed
-interleaved (round-robin, medians), batch 1, inference mode. The FLOP ratio is what the
+For every model: the unpatched library model and a patched deep copy (at its r, and at
+r=0 to show the patch's own cost) are timed interleaved (round-robin, medians), batch 1,
+inference mode. The FLOP ratio is what the
 token counts imply (vt.patch.flops: linear layers, attention, MLP, matching, embedding);
 speedup / FLOP ratio says how much of that the implementation turns into time. Merge
 share: the time spent in matching and merging (timed inside the patched blocks in
@@ -125,16 +126,24 @@ def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
         shape = case.shape(tiny)
         x = torch.randn(shape)
         progress(f"    timing unpatched vs patched, {rounds} interleaved rounds")
+        def at(r):
+            def fn():
+                patched.r = r
+                return _run(patched, x)
+            return fn
+
         with torch.inference_mode():
-            times = time_interleaved({"unpatched": lambda: _run(base, x), "patched": lambda: _run(patched, x)},
-                                     torch.device("cpu"), rounds, warmup=1)
+            times = time_interleaved({"unpatched": lambda: _run(base, x), "patched": at(case.r),
+                                      "patched r=0": at(0)}, torch.device("cpu"), rounds, warmup=1)
+            patched.r = case.r
             share = _merge_share(patched, x, max(2, min(rounds, 3)))
         ms0, ms1 = median_ms(times["unpatched"]), median_ms(times["patched"])
+        ms_r0 = median_ms(times["patched r=0"])
         counts = vt.patch.token_counts(patched, shape)
         ratio = vt.patch.flops(patched, shape, 0) / vt.patch.flops(patched, shape)
-        row = dict(name=case.name, r=case.r, tokens=(counts[0], counts[-1]), ms0=ms0, ms1=ms1,
+        row = dict(name=case.name, r=case.r, tokens=(counts[0], counts[-1]), ms0=ms0, ms1=ms1, ms_r0=ms_r0,
                    speedup=ms0 / ms1, flop_ratio=ratio, share=share)
-        progress(f"    unpatched {ms0:.1f} ms, patched {ms1:.1f} ms: {row['speedup']:.2f}x "
+        progress(f"    unpatched {ms0:.1f} ms, patched {ms1:.1f} ms (at r=0 {ms_r0:.1f} ms): {row['speedup']:.2f}x "
                  f"(FLOPs imply {ratio:.2f}x), merging {100 * share:.1f}% of the patched forward")
         rows.append(row)
         del base, patched
@@ -143,13 +152,15 @@ def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
 
 def table(rows: List[dict]) -> str:
     lines = [
-        "| model (batch 1) | r | tokens in -> out | unpatched ms | patched ms | throughput unpatched /s "
-        "| throughput patched /s | speedup | FLOP ratio | speedup / FLOP ratio | merge share |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model (batch 1) | r | tokens in -> out | unpatched ms | patched ms | patched r=0 ms "
+        "| throughput unpatched /s | throughput patched /s | speedup | FLOP ratio | speedup / FLOP ratio "
+        "| merge share |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in rows:
         lines.append(
             f"| {w['name']} | {w['r']} | {w['tokens'][0]} -> {w['tokens'][1]} | {w['ms0']:.1f} | {w['ms1']:.1f} "
+            f"| {w['ms_r0']:.1f} "
             f"| {1e3 / w['ms0']:.2f} | {1e3 / w['ms1']:.2f} | {w['speedup']:.2f}x | {w['flop_ratio']:.2f}x "
             f"| {w['speedup'] / w['flop_ratio']:.2f} | {100 * w['share']:.1f}% |")
     return "\n".join(lines)
