@@ -115,7 +115,7 @@ def _merge_share(model, x, repeats: int) -> float:
     return shares[len(shares) // 2]
 
 
-def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
+def model_rows(cases: Sequence[Case], rounds: int, tiny: bool, batch: int = 1) -> List[dict]:
     """Time every case unpatched and patched, interleaved; one dict of numbers per case."""
     rows = []
     for i, case in enumerate(cases, 1):
@@ -123,7 +123,7 @@ def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
         torch.manual_seed(0)
         base = case.build(tiny).eval()
         patched = case.patch(copy.deepcopy(base), r=case.r)
-        shape = case.shape(tiny)
+        shape = (batch,) + case.shape(tiny)[1:]
         x = torch.randn(shape)
         progress(f"    timing unpatched vs patched, {rounds} interleaved rounds")
         def at(r):
@@ -141,7 +141,7 @@ def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
         ms_r0 = median_ms(times["patched r=0"])
         counts = vt.patch.token_counts(patched, shape)
         ratio = vt.patch.flops(patched, shape, 0) / vt.patch.flops(patched, shape)
-        row = dict(name=case.name, r=case.r, tokens=(counts[0], counts[-1]), ms0=ms0, ms1=ms1, ms_r0=ms_r0,
+        row = dict(name=case.name, r=case.r, batch=batch, tokens=(counts[0], counts[-1]), ms0=ms0, ms1=ms1, ms_r0=ms_r0,
                    speedup=ms0 / ms1, flop_ratio=ratio, share=share)
         progress(f"    unpatched {ms0:.1f} ms, patched {ms1:.1f} ms (at r=0 {ms_r0:.1f} ms): {row['speedup']:.2f}x "
                  f"(FLOPs imply {ratio:.2f}x), merging {100 * share:.1f}% of the patched forward")
@@ -150,10 +150,10 @@ def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
     return rows
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: List[dict], batch: int = 1) -> str:
     lines = [
-        "| model (batch 1) | r | tokens in -> out | unpatched ms | patched ms | patched r=0 ms "
-        "| throughput unpatched /s | throughput patched /s | speedup | FLOP ratio | speedup / FLOP ratio "
+        f"| model (batch {batch}) | r | tokens in -> out | unpatched ms | patched ms | patched r=0 ms "
+        "| unpatched clips/s | patched clips/s | speedup | FLOP ratio | speedup / FLOP ratio "
         "| merge share |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -161,7 +161,7 @@ def table(rows: List[dict]) -> str:
         lines.append(
             f"| {w['name']} | {w['r']} | {w['tokens'][0]} -> {w['tokens'][1]} | {w['ms0']:.1f} | {w['ms1']:.1f} "
             f"| {w['ms_r0']:.1f} "
-            f"| {1e3 / w['ms0']:.2f} | {1e3 / w['ms1']:.2f} | {w['speedup']:.2f}x | {w['flop_ratio']:.2f}x "
+            f"| {w['batch'] * 1e3 / w['ms0']:.2f} | {w['batch'] * 1e3 / w['ms1']:.2f} | {w['speedup']:.2f}x | {w['flop_ratio']:.2f}x "
             f"| {w['speedup'] / w['flop_ratio']:.2f} | {100 * w['share']:.1f}% |")
     return "\n".join(lines)
 
@@ -236,14 +236,15 @@ def write_section(block: str, path: pathlib.Path) -> None:
 
 
 def run(rounds: int = 5, sweep_rounds: int = 3, only: str = "", tiny: bool = False, write: bool = False,
-        plot_path: Optional[pathlib.Path] = None, command: str = "python -m benchmarks.e2e") -> str:
-    """The end-to-end table (and the VideoMAE plot); returns the markdown block."""
+        plot_path: Optional[pathlib.Path] = None, command: str = "python -m benchmarks.e2e",
+        batch: int = 1) -> str:
+    """The end-to-end table (and the VideoMAE plot, at batch 1); returns the markdown block."""
     cases = [c for c in CASES if not only or any(k.strip() in c.name for k in only.split(","))]
-    rows = model_rows(cases, rounds, tiny)
-    header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch 1, random weights, "
+    rows = model_rows(cases, rounds, tiny, batch)
+    header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch {batch}, random weights, "
               f"{rounds} interleaved rounds (sweep {sweep_rounds}), medians. Merge backend on CPU: "
               f"{_auto_backends()}. Command: `{command}`.")
-    block = header + "\n\n" + table(rows)
+    block = header + "\n\n" + table(rows, batch)
     if plot_path is not None or write:
         points = sweep(sweep_rounds, tiny)
         path = plot_path or PLOT
@@ -272,13 +273,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-rounds", type=int, default=3, help="rounds of the VideoMAE r sweep (default 3)")
     ap.add_argument("--models", default="", help="comma-separated substrings of model names")
     ap.add_argument("--plot", action="store_true", help="also run the VideoMAE-B sweep and write the PNG")
+    ap.add_argument("--batch", type=int, default=1, help="clips (images) per forward (default 1)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run, numbers meaningless)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md and the plot")
     args = ap.parse_args(argv)
     cmd = "python -m benchmarks.e2e" + ("" if not argv and len(sys.argv) < 2 else
                                         " " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(run(args.rounds, args.sweep_rounds, args.models, args.tiny, args.write,
-              PLOT if args.plot else None, cmd))
+              PLOT if args.plot else None, cmd, args.batch))
     return 0
 
 
