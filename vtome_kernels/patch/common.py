@@ -122,8 +122,13 @@ class MergeState:
     # -- per forward ------------------------------------------------------------------------
     def begin(self, input_shape: Tuple[int, ...]) -> None:
         """Reset at the start of a forward: read model.r, forget sizes and sources."""
-        r = getattr(self.owner, "r", 0) if self.owner is not None else 0
+        owner = self.owner
+        r = getattr(owner, "r", 0) if owner is not None else 0
         self.r_list = self.schedule(r)
+        if _checkpointing(owner) and owner.training and torch.is_grad_enabled() and any(self.r_list):
+            # A recomputed block would merge a second time on the state the first pass left.
+            raise ValueError("gradient checkpointing cannot be combined with token merging (r > 0) while "
+                             "training: disable it or set model.r = 0")
         self.size = self.source = self.last = self.kept = None
         self.grid = self.grid_of(tuple(input_shape))
         self.tokens = []
@@ -155,6 +160,14 @@ class MergeState:
     def attn_size(self) -> Optional[torch.Tensor]:
         """Key sizes for proportional attention, or None (plain attention)."""
         return self.size if self.prop_attn else None
+
+
+def _checkpointing(model) -> bool:
+    """Whether activation checkpointing is on (transformers' or timm's flag)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing", "grad_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return False
 
 
 def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str):
