@@ -115,7 +115,21 @@ def _merge_share(model, x, repeats: int) -> float:
     return shares[len(shares) // 2]
 
 
-def model_rows(cases: Sequence[Case], rounds: int, tiny: bool, batch: int = 1) -> List[dict]:
+def _cpu_interleaved(fns, rounds: int) -> dict:
+    """Like harness.time_interleaved, with the process's CPU time (time.process_time): the
+    work done, less sensitive than wall time to other jobs on a shared machine."""
+    for fn in fns.values():
+        fn()
+    names, times = list(fns), {n: [] for n in fns}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.process_time()
+            fns[name]()
+            times[name].append(time.process_time() - t0)
+    return times
+
+
+def model_rows(cases: Sequence[Case], rounds: int, tiny: bool, batch: int = 1, clock: str = "wall") -> List[dict]:
     """Time every case unpatched and patched, interleaved; one dict of numbers per case."""
     rows = []
     for i, case in enumerate(cases, 1):
@@ -133,8 +147,11 @@ def model_rows(cases: Sequence[Case], rounds: int, tiny: bool, batch: int = 1) -
             return fn
 
         with torch.inference_mode():
-            times = time_interleaved({"unpatched": lambda: _run(base, x), "patched": at(case.r),
-                                      "patched r=0": at(0)}, torch.device("cpu"), rounds, warmup=1)
+            fns = {"unpatched": lambda: _run(base, x), "patched": at(case.r), "patched r=0": at(0)}
+            if clock == "cpu":
+                times = _cpu_interleaved(fns, rounds)
+            else:
+                times = time_interleaved(fns, torch.device("cpu"), rounds, warmup=1)
             patched.r = case.r
             share = _merge_share(patched, x, max(2, min(rounds, 3)))
         ms0, ms1 = median_ms(times["unpatched"]), median_ms(times["patched"])
@@ -237,11 +254,12 @@ def write_section(block: str, path: pathlib.Path) -> None:
 
 def run(rounds: int = 5, sweep_rounds: int = 3, only: str = "", tiny: bool = False, write: bool = False,
         plot_path: Optional[pathlib.Path] = None, command: str = "python -m benchmarks.e2e",
-        batch: int = 1) -> str:
+        batch: int = 1, clock: str = "wall") -> str:
     """The end-to-end table (and the VideoMAE plot, at batch 1); returns the markdown block."""
     cases = [c for c in CASES if not only or any(k.strip() in c.name for k in only.split(","))]
-    rows = model_rows(cases, rounds, tiny, batch)
+    rows = model_rows(cases, rounds, tiny, batch, clock)
     header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch {batch}, random weights, "
+              f"{'process CPU time' if clock == 'cpu' else 'wall time'}, "
               f"{rounds} interleaved rounds (sweep {sweep_rounds}), medians. Merge backend on CPU: "
               f"{_auto_backends()}. Command: `{command}`.")
     block = header + "\n\n" + table(rows, batch)
@@ -273,14 +291,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-rounds", type=int, default=3, help="rounds of the VideoMAE r sweep (default 3)")
     ap.add_argument("--models", default="", help="comma-separated substrings of model names")
     ap.add_argument("--plot", action="store_true", help="also run the VideoMAE-B sweep and write the PNG")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall time (default) or the process's CPU time (steadier on a shared machine)")
     ap.add_argument("--batch", type=int, default=1, help="clips (images) per forward (default 1)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run, numbers meaningless)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md and the plot")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cmd = "python -m benchmarks.e2e" + ("" if not argv and len(sys.argv) < 2 else
                                         " " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(run(args.rounds, args.sweep_rounds, args.models, args.tiny, args.write,
-              PLOT if args.plot else None, cmd, args.batch))
+              PLOT if args.plot else None, cmd, args.batch, args.clock))
     return 0
 
 
