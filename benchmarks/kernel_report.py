@@ -91,11 +91,19 @@ def variants() -> List[Variant]:
         add(Variant("_match_kernel", "match", f"match, {shape.name}",
                     _sig("m_ptr max_ptr idx_ptr NA NB D stride_g stride_n stride_d",
                          {"m_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
-                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba), ("BLOCK_B", bb)),
+                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba), ("BLOCK_B", bb),
+                     ("DOT", ""), ("BLOCK_D", match.match_block_d(shape.d))),
                     fp_fusion=False, num_warps=match.MATCH_WARPS))
+        for prec in ("tf32",):  # the optional faster similarities (MATCH_PRECISION)
+            add(Variant("_match_kernel", "match", f"match ({prec} option), {shape.name}",
+                        _sig("m_ptr max_ptr idx_ptr NA NB D stride_g stride_n stride_d",
+                             {"m_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
+                        (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba),
+                         ("BLOCK_B", bb), ("DOT", prec), ("BLOCK_D", match.match_block_d(shape.d))),
+                        num_warps=match.MATCH_WARPS))
         bi, bj = match.rank_blocks(na)
         add(Variant("_rank_kernel", "match", f"rank, {shape.name}",
-                    _sig("max_ptr idx_ptr out_idx_ptr src_idx_ptr dst_pos_ptr score_ptr NA NB R",
+                    _sig("max_ptr idx_ptr out_idx_ptr src_idx_ptr dst_pos_ptr score_ptr NA NB R SEARCH",
                          {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_idx_ptr": "*i64",
                           "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64", "score_ptr": "*fp32"}),
                     (("CLS", shape.class_token), ("DIST", False), ("BLOCK_I", bi), ("BLOCK_J", bj)),
@@ -104,21 +112,27 @@ def variants() -> List[Variant]:
         idx = {"out_idx_ptr": "*i64", "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64"}
         merge_names = ("x_ptr s_ptr out_ptr out_s_ptr out_idx_ptr src_idx_ptr dst_pos_ptr merged_ptr "
                        "N_OUT R C sxg sxn sxc ssg ssn sog son")
-        for union, label in ((False, "merge"), (True, "merge_source")):
+        # HAS_MERGED: a src_merged mask (drop / hybrid modes); without it merged_ptr is unused
+        for union, has_merged, label in ((False, False, "merge"), (False, True, "merge (drop/hybrid)"),
+                                         (True, False, "merge_source")):
             add(Variant("_merge_kernel", "merge", f"{label}, {shape.name}",
                         _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
-                                           "out_s_ptr": "*fp32", "merged_ptr": "*i1"}),
-                        (("HAS_MERGED", True), ("UNION", union), ("SUM", False), ("ACC", tl.float32),
-                         ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
+                                           "out_s_ptr": "*fp32",
+                                           "merged_ptr": "*i1" if has_merged else "*i64"}),
+                        (("HAS_MERGED", has_merged), ("UNION", union), ("SUM", False),
+                         ("ACC", tl.float32), ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
         back_names = ("y_ptr out_ptr out_idx_ptr src_idx_ptr dst_pos_ptr N N_OUT R C syg syn syc sog son "
                       "x_ptr s_ptr mx_ptr ms_ptr gs_ptr merged_ptr grad_s_ptr sxg sxn sxc ssg ssn smg smn")
         ptrs = {**idx, "y_ptr": "*fp32", "out_ptr": "*fp32", "x_ptr": "*fp32", "s_ptr": "*fp32",
                 "mx_ptr": "*fp32", "ms_ptr": "*fp32", "gs_ptr": "*fp32", "merged_ptr": "*i1",
                 "grad_s_ptr": "*fp32"}
-        for grad, label in ((True, "merge backward"), (False, "unmerge")):
-            add(Variant("_scatter_back_kernel", "merge", f"{label}, {shape.name}", _sig(back_names, ptrs),
-                        (("GRAD", grad), ("HAS_GS", grad), ("HAS_MERGED", grad), ("ACC", tl.float32),
-                         ("BLOCK_C", bc)), num_warps=merge.WARPS))
+        for grad, has_merged, label in ((True, False, "merge backward"),
+                                        (True, True, "merge backward (drop/hybrid)"),
+                                        (False, False, "unmerge")):
+            add(Variant("_scatter_back_kernel", "merge", f"{label}, {shape.name}",
+                        _sig(back_names, {**ptrs, "merged_ptr": "*i1" if has_merged else "*i64"}),
+                        (("GRAD", grad), ("HAS_GS", grad), ("HAS_MERGED", has_merged),
+                         ("ACC", tl.float32), ("BLOCK_C", bc)), num_warps=merge.WARPS))
         add(Variant("_merge_kernel", "merge", f"unmerge backward, {shape.name}",
                     _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
                                        "out_s_ptr": "*fp32", "merged_ptr": "*i64"}),
@@ -209,10 +223,72 @@ def table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------
+# analytic global-memory traffic (estimates: counted from the ops, nothing measured)
+# --------------------------------------------------------------------------------------
+F32, I64 = 4, 8
+
+
+def traffic(shape) -> Dict[str, int]:
+    """Bytes read + written from global memory by one merge step at ``shape``, float32.
+
+    "tome-eager": ToMe's op sequence (benchmarks/providers.py), every op reading its inputs
+    and writing its output once. "score matrix": the (N/2)² float32 scores it writes.
+    "fused": match + rank + merge kernels, assuming a group's metric and its r destination
+    indices stay in L2/L1 while a group's programs reread them (they are <= 1 MB).
+    """
+    g = shape.groups
+    n, c, d = shape.x[-2], shape.x[-1], shape.d
+    na, nb = (n + 1) // 2, n // 2
+    r = min(shape.r, (n - shape.class_token) // 2)
+    n_out, unm = n - r, na - r
+    cls = shape.class_token
+
+    def combine(ch):  # gather unm + gather src + out-of-place scatter_reduce + cat
+        return (2 * unm * ch * F32 + unm * I64 + 2 * r * ch * F32 + r * I64
+                + 2 * nb * ch * F32 + 3 * r * ch * F32 + r * I64
+                + (unm + nb) * ch * F32 + n_out * ch * F32)
+
+    eager = (
+        F32 * (3 * n * d + 2 * n)  # norm, divide
+        + F32 * (n * d + na * nb)  # a @ b.T
+        + (F32 * nb if cls else 0)  # class row fill
+        + F32 * na * nb + na * (F32 + I64)  # max, argmax
+        + na * (F32 + I64)  # argsort
+        + 3 * r * I64  # dst gather
+        + (unm * 3 * I64 if cls else 0)  # unmerged sort
+        + F32 * (2 * n * c + n)  # x * size
+        + combine(c) + combine(1)
+        + F32 * (2 * n_out * c + n_out)  # divide
+    )
+    fused = (
+        F32 * n * d + na * (F32 + F32)  # match: metric in, row max + argmax (int32) out
+        + na * (F32 + F32) + n_out * I64 + r * (I64 + I64 + F32)  # rank
+        + n_out * I64 + 2 * r * I64 + F32 * (n * c + n) + F32 * (n_out * c + n_out)  # merge
+    )
+    return {"tome-eager": g * eager, "score matrix": g * F32 * na * nb, "fused": g * fused}
+
+
+def traffic_table() -> str:
+    lines = ["| shape | tome-eager MB | of which score matrix written+read MB | fused kernels MB | "
+             "ratio |", "|---|---:|---:|---:|---:|"]
+    for shape in PAPER_SHAPES:
+        t = traffic(shape)
+        lines.append(f"| {shape.name} {list(shape.x)} r={shape.r} | {t['tome-eager'] / 1e6:.2f} | "
+                     f"{2 * t['score matrix'] / 1e6:.2f} | {t['fused'] / 1e6:.2f} | "
+                     f"{t['tome-eager'] / t['fused']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--traffic", action="store_true",
+                        help="print only the analytic global-memory traffic per paper shape")
     args = parser.parse_args(argv)
+    if args.traffic:
+        print(traffic_table())
+        return 0
     rows = report(tuple(int(t) for t in args.targets.split(",")))
     import triton
 

@@ -4,6 +4,7 @@
     python -m benchmarks.select --write         # ... and update its table in BENCHMARKS.md
     python -m benchmarks.select --quick         # 5 rounds (a smoke run)
     python -m benchmarks.select --batch 1 --channels 384 --budgets 1024
+    python -m benchmarks.select --threads 1     # one CPU thread (steadier on a shared machine)
 
 Shapes (ALGORITHM.md section 5): T=16 frames of L=144 patches (168² at patch 14) and
 T=8 of L=196 (224²), C = 384 and 768, budgets 2048, 1024, 512, batch 1 and 8. A budget
@@ -156,8 +157,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", default="16x144,8x196", help="comma-separated TxL")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     ap.add_argument("--write", action="store_true", help="update the table in BENCHMARKS.md")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     layouts = [tuple(int(v) for v in s.split("x")) for s in args.layouts.split(",") if s.strip()]
     shapes = paper_shapes(_ints(args.batch), layouts, _ints(args.channels), _ints(args.budgets))

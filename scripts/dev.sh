@@ -18,6 +18,8 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # unpinned torch could pull several GB of a newer release.
 "${pip[@]}" torch==2.14.1 torchvision==0.29.1
 "${pip[@]}" "setuptools>=64" wheel
+# The C++ backend's build tools (setup.py drives CMake + Ninja; VTOME_NO_EXT=1 skips it).
+"${pip[@]}" cmake ninja pybind11
 "${pip[@]}" --no-build-isolation -e ".[dev]"
 
 case "$cmd" in

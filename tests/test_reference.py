@@ -9,7 +9,8 @@ from cases import DTYPE_TOL, Case, cases, make, merge_cases, oracle_results
 from oracle import Ambiguous, merge_source_group, unmerge_group
 
 
-def _check(case: Case, mode="merge", threshold=None, generator_seed=None, allow_ambiguous=False):
+def _check(case: Case, mode="merge", threshold=None, generator_seed=None, allow_ambiguous=False,
+           backend="reference"):
     x, size, metric = make(case)
     gen = scores = None
     if generator_seed is not None:
@@ -25,7 +26,7 @@ def _check(case: Case, mode="merge", threshold=None, generator_seed=None, allow_
         raise
     plan = vt.match(x if metric is None else metric, case.r, class_token=case.class_token,
                     distill_token=case.distill_token, mode=mode, threshold=threshold,
-                    generator=gen, backend="reference")
+                    generator=gen, backend=backend)
     out_x, out_s = plan.merge(x, size)
     assert out_x.dtype == x.dtype and out_x.shape == case.lead + (case.n - plan.r, case.c)
     assert out_s.shape == case.lead + (case.n - plan.r, 1)

@@ -103,19 +103,37 @@ def _triton_kernel():
     return kernel
 
 
-IMPLS = ["backend:" + n for n in _backend_names()] + (["triton-kernel"] if _triton_kernel() else [])
+def _cpp_op():
+    """torch.ops.vtome.select (csrc/select.cpp) when the C++ extension is built, else None."""
+    try:
+        import vtome_kernels._C  # noqa: F401  registers the vtome:: ops
+    except ImportError:
+        pass
+    try:
+        return torch.ops.vtome.select
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# The kernels are also called directly, in case their backend module does not expose them
+# (yet); when it does, the backend path alone is tested (same code, half the interpreter time).
+_NAMES = _backend_names()
+IMPLS = (["backend:" + n for n in _NAMES]
+         + (["triton-kernel"] if "triton" not in _NAMES and _triton_kernel() else [])
+         + (["cpp-op"] if "cpp" not in _NAMES and _cpp_op() is not None else []))
 
 
 def run(impl: str, x: torch.Tensor, budget: int, groups="auto"):
-    """vt.select through a registered backend, or the Triton kernel wrapper called directly
-    (the wrapper takes k per group and the group count, like reference.select)."""
+    """vt.select through a registered backend, or the Triton kernel wrapper / the C++ op
+    called directly (they take k per group and the group count, like reference.select)."""
     if impl.startswith("backend:"):
         return vt.select(x, budget, groups=groups, backend=impl.split(":", 1)[1])
     b, t, l, c = x.shape
     g = oracle_groups(t, groups)
     if budget >= t * l:
         budget = t * l
-    return _triton_kernel()(x, (budget - budget % g) // g, g)
+    kernel = _triton_kernel() if impl == "triton-kernel" else _cpp_op()
+    return kernel(x, (budget - budget % g) // g, g)
 
 
 @pytest.fixture(autouse=True)
@@ -154,6 +172,7 @@ CASES = [
     ((1, 12, 3, 4), 6, (6, 18, 35)),
     ((2, 9, 4, 5), 3, (3, 11, 35)),
     ((1, 16, 9, 3), "auto", (4, 40, 143)),  # a group of 36 patches, C below the unroll
+    ((1, 4, 18, 32), "auto", (6, 31, 71)),  # full 16-patch tiles of the C++ kernel
 ]
 
 
@@ -216,14 +235,15 @@ def test_ties_duplicated_pairs(impl):
     """Patches that repeat the same pair of vectors score bit-identically: ties by position,
     whatever the position (the score may not depend on where a patch sits)."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 4, 33, 19, generator=g)
-    x[:, :, 5:] = x[:, :, :1]  # 28 copies of patch 0's trajectory, a top score repeated
-    x[:, :, 0] *= 0.5
-    for budget in (2, 10, 40, 60):
-        kept, index = run(impl, x, budget)
-        ref_kept, ref_index = reference_select(x, budget, "auto")
-        assert torch.equal(index, ref_index) and torch.equal(kept, ref_kept)
-        check(kept, index, x, budget)
+    for c in (19, 24):  # 24: the C++ kernel's vector path (C % 8 == 0)
+        x = torch.randn(1, 4, 33, c, generator=g)
+        x[:, :, 5:] = x[:, :, :1]  # 28 copies of patch 0's trajectory, a top score repeated
+        x[:, :, 0] *= 0.5
+        for budget in (2, 10, 40, 60):
+            kept, index = run(impl, x, budget)
+            ref_kept, ref_index = reference_select(x, budget, "auto")
+            assert torch.equal(index, ref_index) and torch.equal(kept, ref_kept)
+            check(kept, index, x, budget)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -245,11 +265,12 @@ def test_non_finite_scores_agree(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_other_dtypes(impl, dtype):
-    x = make((2, 8, 5, 6), seed=11, dtype=dtype)
-    kept, index = run(impl, x, 22)
-    ref_kept, ref_index = reference_select(x, 22, "auto")
-    assert torch.equal(index, ref_index) and torch.equal(kept, ref_kept)
-    check(kept, index, x, 22)
+    for shape in ((2, 8, 5, 6), (1, 4, 17, 16)):
+        x = make(shape, seed=11, dtype=dtype)
+        kept, index = run(impl, x, 22)
+        ref_kept, ref_index = reference_select(x, 22, "auto")
+        assert torch.equal(index, ref_index) and torch.equal(kept, ref_kept)
+        check(kept, index, x, 22)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -266,11 +287,12 @@ def test_non_contiguous_input(impl):
 
 
 @given(
-    b=st.integers(1, 2), t=st.integers(1, 9), l=st.integers(1, 8), c=st.integers(1, 9),
+    b=st.integers(1, 2), t=st.integers(1, 9), l=st.integers(1, 20),
+    c=st.sampled_from([1, 2, 3, 5, 8, 9, 16]),
     budget=st.integers(1, 80), groups=st.sampled_from(["auto", 1, 2, 3, 4]),
     static=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**16),
 )
-def test_reference_sweep(b, t, l, c, budget, groups, static, seed):
+def test_reference_and_cpu_backends_sweep(b, t, l, c, budget, groups, static, seed):
     if groups != "auto" and t % groups:
         groups = "auto"
     x = make((b, t, l, c), seed=seed, static=static)
@@ -279,10 +301,45 @@ def test_reference_sweep(b, t, l, c, budget, groups, static, seed):
             vt.select(x, budget, groups=groups, backend="reference")
         return
     kept, index = vt.select(x, budget, groups=groups, backend="reference")
+    for name in _NAMES:  # the compiled CPU backends too (not the slow interpreter)
+        if name not in ("reference", "triton"):
+            k2, i2 = vt.select(x, budget, groups=groups, backend=name)
+            assert torch.equal(i2, index) and torch.equal(k2, kept), name
     try:
         check(kept, index, x, budget, groups)
     except Ambiguous:
         pass  # a float32 near-tie: the oracle cannot say which side is right
+
+
+def _score_impls():
+    out = []
+    if "cpp" in _NAMES or _cpp_op() is not None:
+        out.append("cpp")
+    if "triton" in _NAMES or _triton_kernel() is not None:
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("impl", _score_impls())
+def test_scores_bit_for_bit(impl, request):
+    """Every backend's float32 scores equal the reference's exactly (same in-order sums, no
+    FMA), on random data where any other summation order would round differently."""
+    if impl == "triton":
+        request.getfixturevalue("triton_interpret")
+        from vtome_kernels.triton.select import select_scores
+    else:
+        import vtome_kernels.cpp  # noqa: F401  loads the vtome:: ops
+
+        select_scores = torch.ops.vtome.select_scores
+    shapes = [((2, 4, 20, 40), 2), ((1, 6, 9, 64), 3), ((1, 3, 17, 19), 1), ((2, 2, 8, 3), 2)]
+    if impl == "cpp":
+        shapes.append(((2, 4, 33, 768), 2))
+    for i, (shape, groups) in enumerate(shapes):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            x = (make(shape, seed=i) * 3).to(dtype)
+            want = reference.select_scores(x, groups)
+            got = select_scores(x, groups)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (shape, dtype)
 
 
 # -- the public contract -----------------------------------------------------------------

@@ -6,12 +6,12 @@ for a budget), the model patches ``patch`` and the pictures ``vis``. Importing t
 imports no optional backend, neither timm nor transformers, and touches no GPU.
 """
 
+from . import patch, vis  # noqa: E402  (light: timm/transformers load on first patch)
 from .attention import prop_attention
 from .backends import BackendUnavailableError, backends
 from .grid import Grid, grids
 from .merge import MergePlan, match, merge
 from .select import select
-from . import patch, vis  # noqa: E402  (light: timm/transformers load on first patch)
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,7 @@ import torch
 # name -> module; "auto" tries them in this order for each device type.
 _MODULES = {
     "reference": "vtome_kernels.reference",
+    "cpp": "vtome_kernels.cpp",
     "triton": "vtome_kernels.triton",
 }
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}

@@ -22,8 +22,10 @@ from typing import Optional, Tuple
 import torch
 
 NAME = "triton"
-_KERNEL_MODULES = ("vtome_kernels.triton.match", "vtome_kernels.triton.merge",
-                   "vtome_kernels.triton.attention")
+# How match computes similarities: "exact" (default) accumulates k = 0..d-1 one multiply
+# and one add at a time, bit-identical to the reference; "tf32" uses tl.dot tiles on tensor
+# cores (faster on a GPU) and may then break exact ties and near-ties differently.
+MATCH_PRECISION = "exact"
 
 
 def interpreting() -> bool:
@@ -79,7 +81,7 @@ def supports(device: torch.device) -> Optional[str]:
 def match(metric, r: int, class_token: bool, distill_token: bool):
     """reference.match in two launches (scores, then ranking); no score matrix is stored."""
     from .match import match_op
-    return match_op(metric, r, class_token, distill_token)
+    return match_op(metric, r, class_token, distill_token, MATCH_PRECISION)
 
 
 def merge(x, size, out_idx, src_idx, dst_pos, src_merged=None):

@@ -197,7 +197,8 @@ def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
     return upcast, prec, acc, bm, bn, bd, 4
 
 
-def _size_args(size, b: int, nk: int, ref: torch.Tensor):
+def _size_args(size, ref: torch.Tensor):
+    """(pointer, batch stride, key stride) of the sizes; any tensor and 0s when size is None."""
     if size is None:
         return ref, 0, 0
     return size, size.stride(0), size.stride(1)
@@ -218,7 +219,7 @@ def attn_fwd(q, k, v, size, scale: float):
     out = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
-    s, ssb, ssn = _size_args(size, b, nk, q)
+    s, ssb, ssn = _size_args(size, q)
     launch(_attn_fwd_kernel, (triton.cdiv(nq, bm), b * h),
            q, k, v, s, out, lse, *q.stride(), *k.stride(), *v.stride(), ssb, ssn,
            out.stride(0), out.stride(1), out.stride(2), h, nq, nk, d, *_scale_args(scale, q),
@@ -237,7 +238,7 @@ def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
     dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, h, nk, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, h, nk, d, dtype=v.dtype, device=q.device)
-    s, ssb, ssn = _size_args(size, b, nk, q)
+    s, ssb, ssn = _size_args(size, q)
     common = (*q.stride(), *k.stride(), *v.stride(), ssb, ssn, h, nq, nk, d, *_scale_args(scale, q))
     meta = dict(HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=warps)

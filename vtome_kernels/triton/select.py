@@ -3,7 +3,8 @@
 Launch 1 (``_score_kernel``, one program per frame and block of patches) writes the
 float32 change score of every patch exactly as ``reference.select_scores`` computes it:
 d = cur - prev in float32, acc = acc + d * d over c = 0..C-1 in order, compiled without
-fused multiply-add, so identical frames tie exactly as in the reference.
+fused multiply-add, so identical frames tie exactly as in the reference. Each thread owns
+one patch and reads 8 consecutive channels at a time (a vector load when C % 8 == 0).
 
 Launch 2 (``_topk_gather_kernel``, one program per group and block of patches) finds the
 group's K-th largest score by a radix search over the score bits (scores are >= 0, so
@@ -25,7 +26,6 @@ import triton.language as tl
 
 _NAN_KEY = 0x7FC00000  # every NaN ranks here: above +inf (0x7F800000), as in torch.sort
 _BLOCK_L = 64  # patches scored per program
-_UNROLL_C = 8  # channels loaded per loop step (accumulated in order)
 _SCORE_WARPS = 2  # 64 threads: one patch each
 _BLOCK_R = 64  # patches gathered per program
 _BLOCK_W = 32  # words of a row copied per step
@@ -33,9 +33,37 @@ _GATHER_WARPS = 4
 
 
 @triton.jit
-def _score_kernel(x_ptr, score_ptr, T, L, C, F,
-                  BLOCK_L: tl.constexpr, UNROLL_C: tl.constexpr):
-    """score[b, t, l] = sum_c (x[b, cur, l, c] - x[b, cur - 1, l, c])², c in order."""
+def _add_in_order(acc, sq, BLOCK_L: tl.constexpr):
+    """acc + sq[:, 0] + sq[:, 1] + ... + sq[:, 7], one add at a time, in column order.
+
+    The columns of the [BLOCK_L, 8] tile are taken apart by splits (register moves when
+    each thread holds its row's 8 values), never summed by a reduction tree.
+    """
+    ev, od = tl.split(tl.reshape(sq, (BLOCK_L, 4, 2)))  # columns 0 2 4 6 | 1 3 5 7
+    e0, e1 = tl.split(tl.reshape(ev, (BLOCK_L, 2, 2)))  # 0 4 | 2 6
+    o0, o1 = tl.split(tl.reshape(od, (BLOCK_L, 2, 2)))  # 1 5 | 3 7
+    c0, c4 = tl.split(e0)
+    c2, c6 = tl.split(e1)
+    c1, c5 = tl.split(o0)
+    c3, c7 = tl.split(o1)
+    acc = acc + c0
+    acc = acc + c1
+    acc = acc + c2
+    acc = acc + c3
+    acc = acc + c4
+    acc = acc + c5
+    acc = acc + c6
+    acc = acc + c7
+    return acc
+
+
+@triton.jit
+def _score_kernel(x_ptr, score_ptr, T, L, C, F, BLOCK_L: tl.constexpr):
+    """score[b, t, l] = sum_c (x[b, cur, l, c] - x[b, cur - 1, l, c])², c in order.
+
+    Each thread loads 8 consecutive channels of its patch (one 16-byte load for bf16 when
+    C % 8 == 0), squares their differences and adds them in channel order.
+    """
     pid_bt = tl.program_id(0).to(tl.int64)
     pid_l = tl.program_id(1)
     t = pid_bt % T
@@ -47,15 +75,14 @@ def _score_kernel(x_ptr, score_ptr, T, L, C, F,
     mask_l = offs_l < L
     cur_row = x_ptr + ((frame0 + cur) * L + offs_l) * C
     prev_row = cur_row - L * C
+    j8 = tl.arange(0, 8)
     acc = tl.zeros([BLOCK_L], dtype=tl.float32)
-    for c0 in range(0, n_c, UNROLL_C):
-        for j in tl.static_range(UNROLL_C):
-            c = c0 + j
-            m = mask_l & (c < C)
-            a = tl.load(cur_row + c, mask=m, other=0.0).to(tl.float32)
-            p = tl.load(prev_row + c, mask=m, other=0.0).to(tl.float32)
-            d = a - p
-            acc = acc + d * d  # padded channels add an exact +0
+    for c0 in range(0, n_c, 8):
+        m = mask_l[:, None] & ((c0 + j8) < C)[None, :]
+        a = tl.load(cur_row[:, None] + (c0 + j8)[None, :], mask=m, other=0.0).to(tl.float32)
+        p = tl.load(prev_row[:, None] + (c0 + j8)[None, :], mask=m, other=0.0).to(tl.float32)
+        d = a - p
+        acc = _add_in_order(acc, d * d, BLOCK_L)  # padded channels add an exact +0
     tl.store(score_ptr + (frame0 + t) * L + offs_l, acc, mask=mask_l)
 
 
@@ -123,6 +150,19 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def select_scores(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Launch 1 alone: the scores [B, T, L] float32, bit for bit reference.select_scores."""
+    b, t, l, c = x.shape
+    x = x.contiguous()
+    scores = torch.empty(b, t, l, dtype=torch.float32, device=x.device)
+    if scores.numel():
+        _score_kernel[(b * t, triton.cdiv(l, _BLOCK_L))](
+            x, scores, t, l, c, t // groups, BLOCK_L=_BLOCK_L, num_warps=_SCORE_WARPS,
+            enable_fp_fusion=False,
+        )
+    return scores
+
+
 def select(x: torch.Tensor, k_per_group: int, groups: int):
     """Triton selection with the signature and results of ``reference.select``.
 
@@ -133,15 +173,11 @@ def select(x: torch.Tensor, k_per_group: int, groups: int):
     f = t // groups
     ng = f * l
     k = k_per_group
-    scores = torch.empty(b, t, l, dtype=torch.float32, device=x.device)
     kept = torch.empty(b, groups * k, c, dtype=x.dtype, device=x.device)
     index = torch.empty(b, groups * k, dtype=torch.int64, device=x.device)
     if b == 0:
         return kept, index
-    _score_kernel[(b * t, triton.cdiv(l, _BLOCK_L))](
-        x, scores, t, l, c, f, BLOCK_L=_BLOCK_L, UNROLL_C=_UNROLL_C, num_warps=_SCORE_WARPS,
-        enable_fp_fusion=False,
-    )
+    scores = select_scores(x, groups)
     block_n = triton.next_power_of_2(ng)
     x_words = _words(x)
     kept_words = kept.view(x_words.dtype)  # fresh, so aligned for any word x allows

@@ -1,0 +1,239 @@
+// vtome::match: bipartite soft matching of every group (reference.match, ALGORITHM.md 1).
+//
+// metric [G, N, d] (any float dtype, any strides) -> out_idx [G, N - r], src_idx [G, r],
+// dst_pos [G, r] (int64), src_score [G, r] (float32). Normalisation, scores, tie rule,
+// ranking and output layout are bit-for-bit those of the reference.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+#include "scores/scores.h"
+
+namespace vtome {
+namespace {
+
+constexpr float kNormEps = 1e-12f;  // reference.NORM_EPS, as float32
+
+// Sums of squares of kTok tokens at once (reference.normalize: float32, in order
+// k = 0..d-1, a separate multiply and add): one independent chain per token, so the adds'
+// latency overlaps instead of serialising.
+constexpr int kTok = 8;
+
+template <typename T>
+void sum_squares(const T* m, int64_t s1, int64_t s2, int64_t d, int64_t count, float* sq) {
+  if (count == kTok) {  // a full block: no per-element test, the chains unrolled
+    float acc[kTok] = {};
+    for (int64_t k = 0; k < d; ++k)
+      for (int t = 0; t < kTok; ++t) {
+        const float v = static_cast<float>(m[t * s1 + k * s2]);
+        const float p = v * v;
+        acc[t] = acc[t] + p;
+      }
+    for (int t = 0; t < kTok; ++t) sq[t] = acc[t];
+    return;
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < d; ++k) {
+      const float v = static_cast<float>(m[t * s1 + k * s2]);
+      const float p = v * v;
+      acc = acc + p;
+    }
+    sq[t] = acc;
+  }
+}
+
+// row[k] = src[k] / norm (true division) into a contiguous row. Returns "has a NaN".
+template <typename T>
+bool divide_token(const T* src, int64_t sk, int64_t d, float norm, float* row) {
+  if (sk == 1) {  // the common case, vectorised
+    for (int64_t k = 0; k < d; ++k) row[k] = static_cast<float>(src[k]) / norm;
+  } else {
+    for (int64_t k = 0; k < d; ++k) row[k] = static_cast<float>(src[k * sk]) / norm;
+  }
+  uint32_t nan = 0;  // branch-free bit test, so the loop vectorises: |bits| > inf's bits
+  for (int64_t k = 0; k < d; ++k) {
+    uint32_t u;
+    std::memcpy(&u, row + k, 4);
+    nan |= (0x7f800000u - (u & 0x7fffffffu)) >> 31;
+  }
+  return nan != 0;
+}
+
+// Ranking order: larger row max first (NaN largest, as torch.sort), equal values by index.
+struct Before {
+  const float* key;
+  bool operator()(int64_t i, int64_t j) const {
+    const float a = key[i], b = key[j];
+    const bool na = std::isnan(a), nb = std::isnan(b);
+    if (na || nb) return na && (!nb || i < j);
+    return a > b || (a == b && i < j);
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
+    const at::Tensor& metric, int64_t r, bool class_token, bool distill_token) {
+  TORCH_CHECK(metric.dim() == 3, "metric must be [G, N, d], got ", metric.sizes());
+  TORCH_CHECK(at::isFloatingType(metric.scalar_type()), "metric must be a float tensor, got ",
+              metric.scalar_type());
+  TORCH_CHECK(!distill_token || class_token, "distill_token needs class_token");
+  const int64_t g = metric.size(0), n = metric.size(1), d = metric.size(2);
+  TORCH_CHECK(d >= 1, "metric must have a last dim >= 1");
+  const int64_t prot = int64_t(class_token) + int64_t(distill_token);
+  TORCH_CHECK(r >= 1 && r <= (n - prot) / 2, "r must be in [1, (N - protected) // 2 = ",
+              (n - prot) / 2, "], got ", r);
+  const int64_t na = (n + 1) / 2, nb = n / 2;
+  const scores::Kernel& kern = scores::best_kernel();
+  const int64_t tc = kern.tile_cols;
+  const int64_t nbp = (nb + tc - 1) / tc * tc;
+
+  // Normalised halves: A [G, na, d] and B packed in column panels [G, nbp / tc, d, tc]
+  // (padding NaN: never wins).
+  std::vector<float> a(size_t(g * na * d)), bt(size_t(g * d * nbp));
+  std::vector<uint8_t> nan_tok(size_t(g * n));
+  const int64_t s0 = metric.stride(0), s1 = metric.stride(1), s2 = metric.stride(2);
+  // The norms go through torch's own sqrt, as in the reference: torch's float32 sqrt is
+  // not always correctly rounded (measured: 1 ulp off for ~20% of random inputs with the
+  // AVX2 kernels), and a norm one ulp off changes the scores.
+  at::Tensor sq = at::empty({g, n}, metric.options().dtype(at::kFloat));
+  float* sqp = sq.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, metric.scalar_type(), "vtome_norm", [&] {
+    const scalar_t* m = metric.data_ptr<scalar_t>();
+    at::parallel_for(0, (g * n + kTok - 1) / kTok, 32, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {  // kTok tokens of one group at a time
+        int64_t t = c * kTok;
+        const int64_t end = std::min(t + kTok, g * n);
+        while (t < end) {
+          const int64_t gi = t / n, i = t % n, cnt = std::min(end - t, n - i);
+          sum_squares(m + gi * s0 + i * s1, s1, s2, d, cnt, sqp + t);
+          t += cnt;
+        }
+      }
+    });
+    const at::Tensor norm_t = at::sqrt(sq);
+    const float* norm = norm_t.data_ptr<float>();
+    at::parallel_for(0, g * n, 256, [&](int64_t t0, int64_t t1) {
+      std::vector<float> row(d);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t gi = t / n, i = t % n;
+        float nv = norm[t];
+        nv = nv < kNormEps ? kNormEps : nv;  // clamp_min; NaN compares false and stays NaN
+        const scalar_t* src = m + gi * s0 + i * s1;
+        if (i % 2 == 0) {  // A: a contiguous row
+          nan_tok[t] = divide_token(src, s2, d, nv, a.data() + (gi * na + i / 2) * d);
+        } else {  // B: a column of its panel
+          nan_tok[t] = divide_token(src, s2, d, nv, row.data());
+          float* dst = bt.data() + gi * d * nbp + scores::bt_index(i / 2, 0, d, tc);
+          for (int64_t k = 0; k < d; ++k) dst[k * tc] = row[k];
+        }
+      }
+    });
+  });
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* b = bt.data() + gi * d * nbp;
+    if (nb < nbp) {  // the padding columns, all in the last panel
+      float* last = b + scores::bt_index(nbp - tc, 0, d, tc);
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t j = nb % tc; j < tc; ++j) last[k * tc + j] = qnan;
+    }
+    if (distill_token)  // nothing merges into the distillation token (column 0)
+      for (int64_t k = 0; k < d; ++k) b[k * tc] = qnan;
+  }
+
+  // Row max / argmax, parallel over (group, block of rows).
+  std::vector<float> node_max(size_t(g * na));
+  std::vector<int64_t> node_idx(size_t(g * na));
+  constexpr int64_t kRows = 24;
+  const int64_t blocks = (na + kRows - 1) / kRows;
+  at::parallel_for(0, g * blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t gi = blk / blocks, i0 = (blk % blocks) * kRows;
+      const int64_t i1 = std::min(na, i0 + kRows);
+      scores::Problem p{a.data() + gi * na * d, bt.data() + gi * d * nbp, d, nbp};
+      kern.row_max(p, i0, i1, node_max.data() + gi * na, node_idx.data() + gi * na);
+    }
+  });
+
+  const int64_t n_out = n - r, n_unm = na - r;
+  auto lopt = metric.options().dtype(at::kLong);
+  at::Tensor out_idx = at::empty({g, n_out}, lopt), src_idx = at::empty({g, r}, lopt),
+             dst_pos = at::empty({g, r}, lopt);
+  at::Tensor src_score = at::empty({g, r}, metric.options().dtype(at::kFloat));
+  int64_t* po = out_idx.data_ptr<int64_t>();
+  int64_t* ps = src_idx.data_ptr<int64_t>();
+  int64_t* pd = dst_pos.data_ptr<int64_t>();
+  float* pv = src_score.data_ptr<float>();
+
+  at::parallel_for(0, g, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<int64_t> order(na);
+    std::vector<uint8_t> is_src;
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      float* mx = node_max.data() + gi * na;
+      int64_t* ix = node_idx.data() + gi * na;
+      // NaN scores (a NaN/inf metric): a NaN row or any NaN unmasked column makes the row
+      // max NaN, and the reference's argmax then falls to the last column.
+      bool nan_col = false;
+      for (int64_t j = distill_token ? 1 : 0; j < nb; ++j) nan_col |= nan_tok[gi * n + 2 * j + 1] != 0;
+      for (int64_t i = 0; i < na; ++i) {
+        if (nan_col || nan_tok[gi * n + 2 * i]) {
+          mx[i] = std::numeric_limits<float>::quiet_NaN();
+          ix[i] = nb - 1;
+        }
+      }
+      if (class_token) {  // the class token is never a source
+        mx[0] = -std::numeric_limits<float>::infinity();
+        ix[0] = 0;
+      }
+      for (int64_t i = 0; i < na; ++i) order[i] = i;
+      Before before{mx};
+      int64_t* out = po + gi * n_out;
+      // Unmerged A: ascending with a class token (only the top r need ordering), else
+      // in rank order (a full sort).
+      if (class_token) {
+        std::nth_element(order.begin(), order.begin() + r, order.end(), before);
+        std::sort(order.begin(), order.begin() + r, before);
+        is_src.assign(na, 0);
+        for (int64_t t = 0; t < r; ++t) is_src[order[t]] = 1;
+        int64_t u = r;
+        for (int64_t i = 0; i < na; ++i)
+          if (!is_src[i]) order[u++] = i;
+      } else {
+        std::sort(order.begin(), order.end(), before);
+      }
+      // Layout (reference._layout): [unmerged A, B], or [cls, dist, other A, other B].
+      int64_t o = 0;
+      if (distill_token) {
+        out[o++] = 2 * order[r];
+        out[o++] = 1;
+        for (int64_t u = 1; u < n_unm; ++u) out[o++] = 2 * order[r + u];
+        for (int64_t j = 1; j < nb; ++j) out[o++] = 2 * j + 1;
+      } else {
+        for (int64_t u = 0; u < n_unm; ++u) out[o++] = 2 * order[r + u];
+        for (int64_t j = 0; j < nb; ++j) out[o++] = 2 * j + 1;
+      }
+      for (int64_t t = 0; t < r; ++t) {
+        const int64_t i = order[t], dst_b = ix[i];
+        ps[gi * r + t] = 2 * i;
+        pv[gi * r + t] = mx[i];
+        pd[gi * r + t] = (distill_token && dst_b == 0) ? 1 : n_unm + dst_b;
+      }
+    }
+  });
+  return {out_idx, src_idx, dst_pos, src_score};
+}
+
+TORCH_LIBRARY_FRAGMENT(vtome, m) {
+  m.def("match(Tensor metric, int r, bool class_token, bool distill_token) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vtome, CPU, m) { m.impl("match", &match_cpu); }
+
+}  // namespace vtome
