@@ -4,8 +4,9 @@
     python -m benchmarks.e2e --write         # ... into BENCHMARKS.md and benchmarks/e2e_videomae.png
     python -m benchmarks --e2e               # the main job runs it after the merge table
 
-For every model: the unpatched library model and a patched deep copy are timed
-interleaved (round-robin, medians), batch 1, inference mode. The FLOP ratio is what the
+For every model: the unpatched library model and a patched deep copy (at its r, and at
+r=0 to show the patch's own cost) are timed interleaved (round-robin, medians), batch 1,
+inference mode. The FLOP ratio is what the
 token counts imply (vt.patch.flops: linear layers, attention, MLP, matching, embedding);
 speedup / FLOP ratio says how much of that the implementation turns into time. Merge
 share: the time spent in matching and merging (timed inside the patched blocks in
@@ -114,7 +115,21 @@ def _merge_share(model, x, repeats: int) -> float:
     return shares[len(shares) // 2]
 
 
-def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
+def _cpu_interleaved(fns, rounds: int) -> dict:
+    """Like harness.time_interleaved, with the process's CPU time (time.process_time): the
+    work done, less sensitive than wall time to other jobs on a shared machine."""
+    for fn in fns.values():
+        fn()
+    names, times = list(fns), {n: [] for n in fns}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.process_time()
+            fns[name]()
+            times[name].append(time.process_time() - t0)
+    return times
+
+
+def model_rows(cases: Sequence[Case], rounds: int, tiny: bool, batch: int = 1, clock: str = "wall") -> List[dict]:
     """Time every case unpatched and patched, interleaved; one dict of numbers per case."""
     rows = []
     for i, case in enumerate(cases, 1):
@@ -122,35 +137,48 @@ def model_rows(cases: Sequence[Case], rounds: int, tiny: bool) -> List[dict]:
         torch.manual_seed(0)
         base = case.build(tiny).eval()
         patched = case.patch(copy.deepcopy(base), r=case.r)
-        shape = case.shape(tiny)
+        shape = (batch,) + case.shape(tiny)[1:]
         x = torch.randn(shape)
         progress(f"    timing unpatched vs patched, {rounds} interleaved rounds")
+        def at(r):
+            def fn():
+                patched.r = r
+                return _run(patched, x)
+            return fn
+
         with torch.inference_mode():
-            times = time_interleaved({"unpatched": lambda: _run(base, x), "patched": lambda: _run(patched, x)},
-                                     torch.device("cpu"), rounds, warmup=1)
+            fns = {"unpatched": lambda: _run(base, x), "patched": at(case.r), "patched r=0": at(0)}
+            if clock == "cpu":
+                times = _cpu_interleaved(fns, rounds)
+            else:
+                times = time_interleaved(fns, torch.device("cpu"), rounds, warmup=1)
+            patched.r = case.r
             share = _merge_share(patched, x, max(2, min(rounds, 3)))
         ms0, ms1 = median_ms(times["unpatched"]), median_ms(times["patched"])
+        ms_r0 = median_ms(times["patched r=0"])
         counts = vt.patch.token_counts(patched, shape)
         ratio = vt.patch.flops(patched, shape, 0) / vt.patch.flops(patched, shape)
-        row = dict(name=case.name, r=case.r, tokens=(counts[0], counts[-1]), ms0=ms0, ms1=ms1,
+        row = dict(name=case.name, r=case.r, batch=batch, tokens=(counts[0], counts[-1]), ms0=ms0, ms1=ms1, ms_r0=ms_r0,
                    speedup=ms0 / ms1, flop_ratio=ratio, share=share)
-        progress(f"    unpatched {ms0:.1f} ms, patched {ms1:.1f} ms: {row['speedup']:.2f}x "
+        progress(f"    unpatched {ms0:.1f} ms, patched {ms1:.1f} ms (at r=0 {ms_r0:.1f} ms): {row['speedup']:.2f}x "
                  f"(FLOPs imply {ratio:.2f}x), merging {100 * share:.1f}% of the patched forward")
         rows.append(row)
         del base, patched
     return rows
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: List[dict], batch: int = 1) -> str:
     lines = [
-        "| model (batch 1) | r | tokens in -> out | unpatched ms | patched ms | throughput unpatched /s "
-        "| throughput patched /s | speedup | FLOP ratio | speedup / FLOP ratio | merge share |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model (batch {batch}) | r | tokens in -> out | unpatched ms | patched ms | patched r=0 ms "
+        "| unpatched clips/s | patched clips/s | speedup | FLOP ratio | speedup / FLOP ratio "
+        "| merge share |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in rows:
         lines.append(
             f"| {w['name']} | {w['r']} | {w['tokens'][0]} -> {w['tokens'][1]} | {w['ms0']:.1f} | {w['ms1']:.1f} "
-            f"| {1e3 / w['ms0']:.2f} | {1e3 / w['ms1']:.2f} | {w['speedup']:.2f}x | {w['flop_ratio']:.2f}x "
+            f"| {w['ms_r0']:.1f} "
+            f"| {w['batch'] * 1e3 / w['ms0']:.2f} | {w['batch'] * 1e3 / w['ms1']:.2f} | {w['speedup']:.2f}x | {w['flop_ratio']:.2f}x "
             f"| {w['speedup'] / w['flop_ratio']:.2f} | {100 * w['share']:.1f}% |")
     return "\n".join(lines)
 
@@ -225,14 +253,16 @@ def write_section(block: str, path: pathlib.Path) -> None:
 
 
 def run(rounds: int = 5, sweep_rounds: int = 3, only: str = "", tiny: bool = False, write: bool = False,
-        plot_path: Optional[pathlib.Path] = None, command: str = "python -m benchmarks.e2e") -> str:
-    """The end-to-end table (and the VideoMAE plot); returns the markdown block."""
+        plot_path: Optional[pathlib.Path] = None, command: str = "python -m benchmarks.e2e",
+        batch: int = 1, clock: str = "wall") -> str:
+    """The end-to-end table (and the VideoMAE plot, at batch 1); returns the markdown block."""
     cases = [c for c in CASES if not only or any(k.strip() in c.name for k in only.split(","))]
-    rows = model_rows(cases, rounds, tiny)
-    header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch 1, random weights, "
+    rows = model_rows(cases, rounds, tiny, batch, clock)
+    header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch {batch}, random weights, "
+              f"{'process CPU time' if clock == 'cpu' else 'wall time'}, "
               f"{rounds} interleaved rounds (sweep {sweep_rounds}), medians. Merge backend on CPU: "
               f"{_auto_backends()}. Command: `{command}`.")
-    block = header + "\n\n" + table(rows)
+    block = header + "\n\n" + table(rows, batch)
     if plot_path is not None or write:
         points = sweep(sweep_rounds, tiny)
         path = plot_path or PLOT
@@ -261,13 +291,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-rounds", type=int, default=3, help="rounds of the VideoMAE r sweep (default 3)")
     ap.add_argument("--models", default="", help="comma-separated substrings of model names")
     ap.add_argument("--plot", action="store_true", help="also run the VideoMAE-B sweep and write the PNG")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall time (default) or the process's CPU time (steadier on a shared machine)")
+    ap.add_argument("--batch", type=int, default=1, help="clips (images) per forward (default 1)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a smoke run, numbers meaningless)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md and the plot")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cmd = "python -m benchmarks.e2e" + ("" if not argv and len(sys.argv) < 2 else
                                         " " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(run(args.rounds, args.sweep_rounds, args.models, args.tiny, args.write,
-              PLOT if args.plot else None, cmd))
+              PLOT if args.plot else None, cmd, args.batch, args.clock))
     return 0
 
 

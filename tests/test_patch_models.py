@@ -209,3 +209,17 @@ def test_deepcopy_of_a_patched_model(family):
     assert state_hooks(model, model._vt)  # removing the copy's patch leaves the original's
     with torch.no_grad():
         torch.testing.assert_close(logits(twin, x), base, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_is_refused_while_merging(family):
+    model, x, patch, _ = build(family)
+    if family == "timm":
+        model.set_grad_checkpointing(True)
+    else:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    patch(model, r=2)
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        logits(model, x)
+    model.r = 0
+    logits(model, x).sum().backward()  # nothing merges: checkpointing is fine

@@ -18,7 +18,8 @@ import torch
 
 
 def group_ids(source: torch.Tensor, grid: Sequence[int], *, prefix_tokens: int = 0) -> torch.Tensor:
-    """Group id of every original patch, shaped grid (T, h, w).
+    """Group id of every original patch, shaped grid (T, h, w); -1 where no token holds it
+    (patches dropped by selection).
 
     source: [N', N0] for one image or clip (the first prefix_tokens rows and columns are
     class / distillation tokens, never merged), or [T, n', n0] for a clip merged frame by frame (TimeSformer; ids are
@@ -36,7 +37,9 @@ def group_ids(source: torch.Tensor, grid: Sequence[int], *, prefix_tokens: int =
             src = src[prefix_tokens:, prefix_tokens:]
         if src.shape[1] != t * h * w:
             raise ValueError(f"source covers {src.shape[1]} patches but grid {grid} has {t * h * w}")
-        return src.argmax(0).reshape(t, h, w)
+        ids = src.argmax(0)
+        ids[src.sum(0) == 0] = -1  # a patch no token holds (not kept by select=K)
+        return ids.reshape(t, h, w)
     if src.dim() == 3:
         if src.shape[0] != t or src.shape[2] != h * w:
             raise ValueError(f"a per-frame source must be [T={t}, n', {h * w}], got {tuple(src.shape)}")
@@ -104,9 +107,12 @@ def draw(source: torch.Tensor, grid: Sequence[int], *, frames=None, prefix_token
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     n_frames = t if frames is None else (1 if torch.as_tensor(frames).dim() == 3 else len(frames))
     img = _frames_array(frames, n_frames, h, w)
+    dropped = ids < 0
     _, inv = np.unique(ids, return_inverse=True)
-    ids = inv.reshape(ids.shape)
+    ids = inv.reshape(ids.shape) + 1
+    ids[dropped] = 0
     colours = _palette(int(ids.max()) + 1)
+    colours[0] = (40, 40, 40)  # patches no token holds are darkened
     panels = [_render(ids[f * t // n_frames], img[f], colours, alpha) for f in range(n_frames)]
     cols = min(n_frames, 8) if cols is None else int(cols)
     if cols < 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .. import _checks
-from .common import MergeState, state_of
+from .common import MergeState, kept_tokens, state_of
 
 SCHEDULES = ("constant", "decreasing")
 
@@ -27,7 +27,7 @@ def _counts(state: MergeState, grid, r_list: List[int]) -> Tuple[List[int], List
     """Tokens entering each block (per frame for "dst", with protected tokens for "st")
     and the r each block really merges (clamped to half its tokens)."""
     t, h, w = grid
-    n = h * w if state.scheme == "dst" else t * h * w + state.protected
+    n = h * w if state.scheme == "dst" else kept_tokens(state, grid) + state.protected
     protected = 0 if state.scheme == "dst" else state.protected
     counts, real = [], []
     for r in r_list:

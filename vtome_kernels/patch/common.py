@@ -70,6 +70,8 @@ class MergeState:
         self.mode, self.threshold, self.prop_attn = "merge", None, True
         self.metric, self.trace_source, self.layer, self.backend = "mean", False, None, "auto"
         self.weighted_pool = False
+        self.select: Optional[int] = None  # FluxViT selection budget (video patches)
+        self.select_groups = "auto"
         # Per forward.
         self.r_list: List[int] = [0] * depth
         self.size: Optional[torch.Tensor] = None
@@ -78,6 +80,7 @@ class MergeState:
         self.tokens: List[int] = []
         self.merge_seconds = 0.0
         self.last: Optional[torch.Tensor] = None
+        self.kept: Optional[torch.Tensor] = None  # [B, K] positions kept by select
 
     @property
     def protected(self) -> int:
@@ -119,9 +122,14 @@ class MergeState:
     # -- per forward ------------------------------------------------------------------------
     def begin(self, input_shape: Tuple[int, ...]) -> None:
         """Reset at the start of a forward: read model.r, forget sizes and sources."""
-        r = getattr(self.owner, "r", 0) if self.owner is not None else 0
+        owner = self.owner
+        r = getattr(owner, "r", 0) if owner is not None else 0
         self.r_list = self.schedule(r)
-        self.size = self.source = self.last = None
+        if _checkpointing(owner) and owner.training and torch.is_grad_enabled() and any(self.r_list):
+            # A recomputed block would merge a second time on the state the first pass left.
+            raise ValueError("gradient checkpointing cannot be combined with token merging (r > 0) while "
+                             "training: disable it or set model.r = 0")
+        self.size = self.source = self.last = self.kept = None
         self.grid = self.grid_of(tuple(input_shape))
         self.tokens = []
         self.merge_seconds = 0.0
@@ -152,6 +160,14 @@ class MergeState:
     def attn_size(self) -> Optional[torch.Tensor]:
         """Key sizes for proportional attention, or None (plain attention)."""
         return self.size if self.prop_attn else None
+
+
+def _checkpointing(model) -> bool:
+    """Whether activation checkpointing is on (transformers' or timm's flag)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing", "grad_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return False
 
 
 def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str):
@@ -199,8 +215,10 @@ def find_state(blocks: Sequence[torch.nn.Module]) -> Optional[MergeState]:
 
 def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: Callable,
             embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
-            extra_hooks: Callable[[MergeState], None] = lambda s: None) -> torch.nn.Module:
-    """Patch blocks (class swap) and embed (state reset hook) once; (re)set options and r."""
+            extra_hooks: Callable[[MergeState], None] = lambda s: None,
+            embed_forward: Optional[Callable] = None, select=None, select_groups="auto") -> torch.nn.Module:
+    """Patch blocks (class swap) and embed (state reset hook; class swap when the family
+    supports select) once; (re)set options and r."""
     if len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to patch")
     state = find_state(blocks)
@@ -210,6 +228,10 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
     before = dict(vars(state))
     try:
         state.configure(**options)
+        check_select(select, select_groups)
+        if select is not None and embed_forward is None:
+            raise ValueError(f"select is not supported by the {state.family} patch")
+        state.select, state.select_groups = select, select_groups
         state.schedule(r)  # a bad r fails now, not at the next forward
     except (TypeError, ValueError):
         vars(state).update(before)  # a failed re-patch leaves the options as they were
@@ -219,6 +241,9 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
             block._vt_state, block._vt_index = state, i
             block.__class__ = patched_class(type(block), forward)
         embed.register_forward_pre_hook(BeginHook(state), with_kwargs=True)
+        if embed_forward is not None:
+            embed._vt_state = state
+            embed.__class__ = patched_class(type(embed), embed_forward)
     extra_hooks(state)
     state.owner = model
     model._vt = state
@@ -266,7 +291,8 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if getattr(module, "_vt_state", None) is state:
             module.__class__ = module.__class__._vt_base
-            del module._vt_state, module._vt_index
+            del module._vt_state
+            module.__dict__.pop("_vt_index", None)
     del model._vt
     return model
 
@@ -301,3 +327,43 @@ def heads_join(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
 
+
+# -- FluxViT selection at the input (select=K) ---------------------------------------------------
+def check_select(select, groups) -> None:
+    """select is None or a positive int budget; groups "auto" or a positive int."""
+    if select is not None:
+        _checks.count("select", select, minimum=1)
+    if not (groups == "auto" or (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1)):
+        raise ValueError(f"select_groups must be 'auto' or an int >= 1, got {groups!r}")
+
+
+def kept_tokens(state: MergeState, grid: Tuple[int, int, int]) -> int:
+    """Patch tokens that reach the first block: all of the grid, or what select keeps."""
+    t, h, w = grid
+    n = t * h * w
+    if state.select is None:
+        return n
+    from ..select import kept_count, resolve_groups
+
+    return kept_count(state.select, t, h * w, resolve_groups(state.select_groups, t))
+
+
+def select_tokens(state: MergeState, patches: torch.Tensor, pos: torch.Tensor, extra: int) -> torch.Tensor:
+    """Keep state.select of patches [B, N, C] (scored without positions, as FluxViT does) and
+    add the positional embeddings pos [N, C] of the kept positions; records the kept index
+    and, with trace_source, a source map over the extra (class) tokens and all N patches."""
+    from ..select import select
+
+    t, h, w = state.grid
+    b, n, c = patches.shape
+    kept, index = select(patches.reshape(b, t, h * w, c), state.select, groups=state.select_groups,
+                         backend=state.backend)
+    state.kept = index
+    if state.trace_source:
+        src = torch.zeros(b, extra + index.shape[1], extra + n, device=patches.device)
+        if extra:
+            src[:, :extra, :extra] = torch.eye(extra, device=patches.device)
+        rows = torch.arange(extra, extra + index.shape[1], device=patches.device).expand(b, -1)
+        src[torch.arange(b, device=patches.device)[:, None], rows, index + extra] = 1.0
+        state.source = src
+    return kept + pos.to(kept.dtype)[index]

@@ -69,9 +69,12 @@ def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = 
 
 
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
-                metric: str = "mean", trace_source: bool = False, layer=None,
+                metric: str = "mean", trace_source: bool = False, layer=None, select=None,
                 backend: str = "auto"):
     """Make a TimeSformer (divided space-time attention) merge r tokens per frame per layer.
+
+    select=K is refused: divided space-time attention needs the same tokens in every frame
+    and at every position over time, which selection at the input does not keep.
 
     Options as vt.patch.timm; r counts tokens per frame. The source map (trace_source) is
     per frame: [B, T, n', n0] over the n0 patches of each frame.
@@ -86,6 +89,9 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
         raise TypeError(f"model must be a transformers TimesformerModel or TimesformerForVideoClassification, "
                         f"got {type(model).__name__}")
     cfg = base.config
+    if select is not None:
+        raise ValueError("select is not supported by the TimeSformer patch: its divided space-time attention "
+                         "needs equal token counts per frame and aligned positions over time")
     if cfg.attention_type != "divided_space_time":
         raise ValueError(f"the TimeSformer patch needs attention_type='divided_space_time', got {cfg.attention_type!r}")
     pe = base.embeddings.patch_embeddings

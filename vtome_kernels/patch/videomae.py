@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import CostModel, MergeState, StateHook, attend, has_hook, grid_from, heads_join, heads_split, install
+from .common import CostModel, MergeState, StateHook, attend, has_hook, select_tokens, grid_from, heads_join, heads_split, install
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -31,6 +31,24 @@ def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     return out
 
 
+def _embed_forward(self, pixel_values, bool_masked_pos=None):
+    """VideoMAEEmbeddings with select=K: keep K tubelet tokens, then add their positions."""
+    st = self._vt_state
+    if st.select is None:
+        return self._vt_base.forward(self, pixel_values, bool_masked_pos)
+    if bool_masked_pos is not None:
+        raise ValueError("select=K and bool_masked_pos cannot be combined: both choose the visible tokens")
+    pos = self.position_embeddings
+    n = st.grid[0] * st.grid[1] * st.grid[2]
+    if n != pos.shape[1] or tuple(pixel_values.shape[-2:]) != tuple(self.patch_embeddings.image_size):
+        raise ValueError(
+            f"VideoMAE has fixed sinusoidal positions for its config grid ({pos.shape[1]} tubelets of "
+            f"{self.config.num_frames} frames at {self.config.image_size}px); select=K cannot run it on a "
+            f"different grid, got input {tuple(pixel_values.shape)} ({n} tubelets)")
+    patches = self.patch_embeddings(pixel_values)
+    return select_tokens(st, patches, pos[0].detach().to(patches.device), extra=0)
+
+
 class _WeightedPool(StateHook):
     """fc_norm receives mean(x); with merging, give it sum(x * size) / sum(size) instead."""
 
@@ -45,11 +63,14 @@ class _WeightedPool(StateHook):
 
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = False,
                 weighted_pool: bool = False, metric: str = "mean", trace_source: bool = False,
-                layer=None, backend: str = "auto"):
+                layer=None, select=None, select_groups="auto", backend: str = "auto"):
     """Make a VideoMAE model merge tokens in every layer (in place; returns it).
 
     Options as vt.patch.timm; prop_attn defaults to False here. weighted_pool (only for
     VideoMAEForVideoClassification with mean pooling): size-weighted final average.
+    select=K: FluxViT selection of K tubelet tokens before the first block (vt.select on
+    the patch embeddings, groups select_groups; the positions of the kept tokens added
+    after). VideoMAE's positions are fixed for its config grid, so the input must be that grid.
     """
     from transformers import VideoMAEForVideoClassification, VideoMAEModel
 
@@ -85,6 +106,7 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra)
+    install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra,
+            embed_forward=_embed_forward, select=select, select_groups=select_groups)
     model._vt.weighted_pool = weighted_pool
     return model

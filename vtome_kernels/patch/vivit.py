@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import CostModel, MergeState, attend, grid_from, heads_join, heads_split, install
+from .common import (CostModel, MergeState, attend, grid_from, heads_join, heads_split, install,
+                     select_tokens)
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -32,12 +33,42 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwa
     return self.dropout(self.mlp(self.layernorm_after(x))) + x
 
 
+def _positions(emb, grid) -> torch.Tensor:
+    """ViViT's learned patch positions [N, C] for a token grid (T', h, w): as trained for
+    the config grid, trilinearly interpolated over (time, height, width) for another one."""
+    pos = emb.position_embeddings[0, 1:]
+    t0, h0, w0 = emb._vt_grid0
+    if tuple(grid) == (t0, h0, w0):
+        return pos
+    c = pos.shape[-1]
+    cube = pos.reshape(1, t0, h0, w0, c).permute(0, 4, 1, 2, 3)
+    cube = torch.nn.functional.interpolate(cube, size=tuple(grid), mode="trilinear", align_corners=False)
+    return cube.permute(0, 2, 3, 4, 1).reshape(-1, c)
+
+
+def _embed_forward(self, pixel_values, interpolate_pos_encoding: bool = False):
+    """VivitEmbeddings with select=K: keep K tubelet tokens (any grid: positions are
+    interpolated in 3-D when it differs from the config's), class token in front."""
+    st = self._vt_state
+    if st.select is None:
+        return self._vt_base.forward(self, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+    b = pixel_values.shape[0]
+    patches = self.patch_embeddings(pixel_values)
+    x = select_tokens(st, patches, _positions(self, st.grid), extra=1)
+    cls = self.cls_token.expand(b, -1, -1) + self.position_embeddings[:, :1]
+    return self.dropout(torch.cat((cls, x), dim=1))
+
+
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
-                metric: str = "mean", trace_source: bool = False, layer=None,
-                backend: str = "auto"):
+                metric: str = "mean", trace_source: bool = False, layer=None, select=None,
+                select_groups="auto", backend: str = "auto"):
     """Make a ViViT model merge tokens in every layer (in place; returns it).
 
-    Options as vt.patch.timm (proportional attention on by default).
+    Options as vt.patch.timm (proportional attention on by default). select=K: FluxViT
+    selection of K tubelet tokens before the first block (vt.select on the patch
+    embeddings, groups select_groups), the class token kept, each kept token given its own
+    position; a denser clip than the config's (more frames, another resolution) gets the
+    learned positions interpolated over (time, height, width).
     """
     from transformers import VivitForVideoClassification, VivitModel
 
@@ -53,6 +84,8 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     cost = CostModel("st", dim=cfg.hidden_size, mlp=cfg.intermediate_size, heads=cfg.num_attention_heads,
                      in_per_token=cfg.num_channels * tt * th * tw)
     blocks = list(base.layers)
+    size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
+    base.embeddings._vt_grid0 = (cfg.num_frames // tt, size[0] // th, size[1] // tw)
 
     def make_state():
         return MergeState("vivit", len(blocks), "st", True, False,
@@ -60,4 +93,5 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options)
+    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options,
+                   embed_forward=_embed_forward, select=select, select_groups=select_groups)
