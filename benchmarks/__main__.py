@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--write", action="store_true", help="update the table in BENCHMARKS.md")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: torch's own choice, all cores)")
     ap.add_argument("--e2e", action="store_true", help="also run the end-to-end model benchmark (minutes)")
     ap.add_argument("--e2e-only", action="store_true", help="run only the end-to-end model benchmark")
     args = ap.parse_args(argv)
@@ -82,6 +84,10 @@ def main(argv=None) -> int:
               if not args.shapes or any(k.strip() in s.name for k in args.shapes.split(","))]
     if not shapes:
         ap.error(f"no paper shape matches {args.shapes!r}")
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds = 5 if args.quick else args.rounds
     device = torch.device(args.device)
     header = (f"Machine: {machine()}. {datetime.date.today()}, dtype {args.dtype}, "
