@@ -28,3 +28,17 @@ def test_write_section_replaces_only_its_block(tmp_path):
     e2e.write_section("second", md)
     text = md.read_text()
     assert text.count(e2e.BEGIN) == 1 and "second" in text and "first" not in text and "keep me" in text
+
+
+def test_e2e_select_tiny_table(tmp_path):
+    from benchmarks import e2e_select
+
+    rows = e2e_select.run(rounds=1, tiny=True)
+    assert [r["name"] for r in rows] == list(e2e_select.variants(True))
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    md = tmp_path / "B.md"
+    md.write_text("keep\n")
+    e2e_select.write_section("one", md)
+    e2e_select.write_section(e2e_select.table(rows), md)
+    text = md.read_text()
+    assert text.count(e2e_select.BEGIN) == 1 and "one" not in text and "| unpatched |" in text
