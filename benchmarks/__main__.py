@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import pathlib
-import re
 import sys
 
 import torch
 
-from .harness import machine, median_ms, progress, time_interleaved
+from .harness import machine, median_ms, progress, time_interleaved, write_block
 from .providers import make_providers
 from .shapes import PAPER_SHAPES
 
@@ -54,13 +53,7 @@ def merge_table(shapes, device, rounds: int, compile_tome: bool, dtype) -> str:
 
 def write_benchmarks_md(table: str, header: str, path: pathlib.Path) -> None:
     """Replace the main table between the markers of BENCHMARKS.md."""
-    text = path.read_text()
-    block = f"{BEGIN}\n{header}\n\n{table}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text += "\n" + block + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, f"{header}\n\n{table}")
 
 
 def main(argv=None) -> int:

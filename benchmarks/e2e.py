@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import datetime
 import pathlib
-import re
 import sys
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -29,7 +28,7 @@ import torch
 
 import vtome_kernels as vt
 
-from .harness import machine, median_ms, progress, time_interleaved
+from .harness import machine, median_ms, progress, time_interleaved, write_block
 
 BEGIN, END = "<!-- e2e-table:begin -->", "<!-- e2e-table:end -->"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -243,13 +242,7 @@ def plot(points: List[dict], path: pathlib.Path, title: str) -> None:
 
 def write_section(block: str, path: pathlib.Path) -> None:
     """Replace the end-to-end table between its markers in BENCHMARKS.md."""
-    text = path.read_text()
-    body = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
-    else:
-        text += "\n## End to end\n\n" + body + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, block, heading="## End to end")
 
 
 def run(rounds: int = 5, sweep_rounds: int = 3, only: str = "", tiny: bool = False, write: bool = False,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import pathlib
-import re
 import sys
 from typing import Dict, List
 
@@ -25,7 +24,7 @@ import torch
 import vtome_kernels as vt
 
 from .e2e import _run, _videomae
-from .harness import machine, median_ms, progress, time_interleaved
+from .harness import machine, median_ms, progress, time_interleaved, write_block
 
 BEGIN, END = "<!-- e2e-select-table:begin -->", "<!-- e2e-select-table:end -->"
 
@@ -70,13 +69,7 @@ def table(rows: List[dict]) -> str:
 
 def write_section(block: str, path: pathlib.Path) -> None:
     """Replace the block between this benchmark's markers in BENCHMARKS.md (appended once)."""
-    text = path.read_text()
-    body = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
-    else:
-        text += "\n" + body + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, block)
 
 
 def main(argv=None) -> int:

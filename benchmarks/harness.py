@@ -6,7 +6,9 @@ process, round-robin, and only medians and ratios are reported.
 
 from __future__ import annotations
 
+import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -67,3 +69,15 @@ def machine() -> str:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def write_block(path: pathlib.Path, begin: str, end: str, body: str, heading: str = "") -> None:
+    """Replace what stands between the markers begin/end in a Markdown file with body (the
+    markers kept); a file without them gets ``heading`` (if any) and the block appended."""
+    text = path.read_text()
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text += "\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
+    path.write_text(text)

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import datetime
 import pathlib
-import re
 import sys
 from typing import Callable, Dict, List, Sequence
 
@@ -36,7 +35,7 @@ import vtome_kernels as vt
 from vtome_kernels.backends import resolve
 from vtome_kernels.select import auto_groups, kept_count
 
-from .harness import machine, median_ms, progress, time_interleaved
+from .harness import machine, median_ms, progress, time_interleaved, write_block
 
 BEGIN, END = "<!-- select-table:begin -->", "<!-- select-table:end -->"
 LAYOUTS = ((16, 144), (8, 196))  # (T, L)
@@ -133,13 +132,7 @@ def select_table(shapes: Sequence[SelectShape], device: torch.device, rounds: in
 
 def write_section(table: str, header: str, path: pathlib.Path) -> None:
     """Replace the selection table between its markers in BENCHMARKS.md."""
-    text = path.read_text()
-    block = f"{BEGIN}\n{header}\n\n{table}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text += "\n" + block + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, f"{header}\n\n{table}")
 
 
 def _ints(text: str) -> List[int]:
