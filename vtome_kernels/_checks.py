@@ -80,3 +80,13 @@ def choice(name: str, value, options: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
     return value
+
+
+def mode_threshold(mode, threshold, modes: Sequence[str]) -> None:
+    """A merge mode of ``modes``; a float threshold for "hybrid" and None for the others."""
+    choice("mode", mode, modes)
+    if mode == "hybrid":
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a float for mode='hybrid', got {threshold!r}")
+    elif threshold is not None:
+        raise ValueError(f"threshold is only used by mode='hybrid', got mode={mode!r}")

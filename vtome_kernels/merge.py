@@ -164,12 +164,7 @@ def match(
     _checks.flag("distill_token", distill_token)
     if distill_token and not class_token:
         raise ValueError("distill_token=True needs class_token=True (cls at 0, distillation at 1)")
-    _checks.choice("mode", mode, MODES)
-    if mode == "hybrid":
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"threshold must be a float for mode='hybrid', got {threshold!r}")
-    elif threshold is not None:
-        raise ValueError(f"threshold is only used by mode='hybrid', got mode={mode!r}")
+    _checks.mode_threshold(mode, threshold, MODES)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     resolve(backend, "match", metric.device)  # an unknown or unusable backend fails here

@@ -88,12 +88,7 @@ class MergeState:
 
     # -- options --------------------------------------------------------------------------
     def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend):
-        _checks.choice("mode", mode, MODES)
-        if mode == "hybrid":
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-                raise TypeError(f"threshold must be a float for mode='hybrid', got {threshold!r}")
-        elif threshold is not None:
-            raise ValueError(f"threshold is only used by mode='hybrid', got mode={mode!r}")
+        _checks.mode_threshold(mode, threshold, MODES)
         _checks.flag("prop_attn", prop_attn)
         _checks.flag("trace_source", trace_source)
         _checks.choice("metric", metric, METRICS)
