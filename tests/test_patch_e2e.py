@@ -16,6 +16,7 @@ def test_e2e_tiny_table_and_plot(tmp_path):
     block = e2e.run(rounds=1, sweep_rounds=1, tiny=True, plot_path=png, command="test")
     for case in e2e.CASES:
         assert f"| {case.name} | {case.r} |" in block
+    assert "zero-cost merge speedup" in block
     assert "| 150 |" in block.split("![")[1]  # the sweep table reaches r=150
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -26,8 +27,32 @@ def test_write_section_replaces_only_its_block(tmp_path):
     md.write_text("# title\n\nkeep me\n")
     e2e.write_section("first", md)
     e2e.write_section("second", md)
+    e2e.write_section("four", md, batch=4)
+    e2e.write_section("batch four", md, batch=4)
     text = md.read_text()
     assert text.count(e2e.BEGIN) == 1 and "second" in text and "first" not in text and "keep me" in text
+    assert text.count(e2e.markers(4)[0]) == 1 and "batch four" in text and "\nfour\n" not in text
+
+
+@pytest.mark.parametrize("case", e2e.CASES, ids=lambda c: c.name.split()[0])
+def test_zero_cost_merge_keeps_the_schedule_token_counts(case):
+    """The bound's model runs the patched model's token counts, with sizes for attention."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    base = case.build(True).eval()
+    shape = case.shape(True)
+    patched = case.patch(copy.deepcopy(base), r=3)
+    free = e2e.zero_cost_merge(case.patch(copy.deepcopy(base), r=3))
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        patched(x)
+        free(x)
+    assert free._vt.tokens == patched._vt.tokens
+    assert free._vt.tokens[-1] < free._vt.tokens[0]
+    assert free._vt.size is not None and bool((free._vt.size == 1).all())
 
 
 def test_e2e_select_tiny_table(tmp_path):
