@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .harness import machine, median_ms, progress, time_interleaved, write_block
+from .harness import machine, median_ms, name_matches, progress, time_interleaved, write_block
 from .providers import make_providers
 from .shapes import PAPER_SHAPES
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=40, help="timed calls per provider (default 40)")
     ap.add_argument("--quick", action="store_true", help="5 rounds, no torch.compile")
-    ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
+    ap.add_argument("--shapes", default="", help="comma-separated starts of words of shape names (ViT-B, DST, b4)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--write", action="store_true", help="update the table in BENCHMARKS.md")
@@ -73,8 +73,7 @@ def main(argv=None) -> int:
     if args.e2e_only:
         return _e2e(args, argv)
 
-    shapes = [s for s in PAPER_SHAPES
-              if not args.shapes or any(k.strip() in s.name for k in args.shapes.split(","))]
+    shapes = [s for s in PAPER_SHAPES if name_matches(args.shapes, s.name)]
     if not shapes:
         ap.error(f"no paper shape matches {args.shapes!r}")
     if args.threads < 0:

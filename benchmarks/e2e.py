@@ -35,7 +35,7 @@ import torch
 
 import vtome_kernels as vt
 
-from .harness import machine, median_ms, progress, time_interleaved, write_block
+from .harness import machine, median_ms, name_matches, progress, time_interleaved, write_block
 
 BEGIN, END = "<!-- e2e-table:begin -->", "<!-- e2e-table:end -->"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -287,7 +287,7 @@ def run(rounds: int = 5, sweep_rounds: int = 3, only: str = "", tiny: bool = Fal
         plot_path: Optional[pathlib.Path] = None, command: str = "python -m benchmarks.e2e",
         batch: int = 1, clock: str = "wall") -> str:
     """The end-to-end table (and, at batch 1, the VideoMAE plot); returns the markdown block."""
-    cases = [c for c in CASES if not only or any(k.strip() in c.name for k in only.split(","))]
+    cases = [c for c in CASES if name_matches(only, c.name)]
     rows = model_rows(cases, rounds, tiny, batch, clock)
     header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch {batch}, random weights, "
               f"{'process CPU time' if clock == 'cpu' else 'wall time'}, "
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model (default 5)")
     ap.add_argument("--sweep-rounds", type=int, default=3, help="rounds of the VideoMAE r sweep (default 3)")
-    ap.add_argument("--models", default="", help="comma-separated substrings of model names")
+    ap.add_argument("--models", default="", help="comma-separated starts of words of model names (ViT-B, VideoMAE)")
     ap.add_argument("--plot", action="store_true", help="also run the VideoMAE-B sweep and write the PNG")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],

@@ -71,6 +71,14 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def name_matches(keys: str, name: str) -> bool:
+    """Whether a comma-separated filter (``--shapes`` / ``--models``) picks name: empty picks
+    all; a key matches at the start of a word of the name, so "ViT-B" picks "ViT-B/16 ..."
+    and "timm ViT-B/16 ..." but not "ViViT-B"."""
+    parts = [k.strip() for k in keys.split(",") if k.strip()]
+    return not parts or any(re.search(r"(^|\s)" + re.escape(k), name) for k in parts)
+
+
 def write_block(path: pathlib.Path, begin: str, end: str, body: str, heading: str = "") -> None:
     """Replace what stands between the markers begin/end in a Markdown file with body (the
     markers kept); a file without them gets ``heading`` (if any) and the block appended."""

@@ -43,3 +43,14 @@ def test_write_replaces_only_the_table(tmp_path):
     write_benchmarks_md("| new |", "header", path)
     assert path.read_text() == ("intro\n<!-- main-table:begin -->\nheader\n\n| new |\n"
                                 "<!-- main-table:end -->\nnotes\n")
+
+
+def test_name_filter_matches_word_starts():
+    from benchmarks.harness import name_matches
+
+    names = [s.name for s in PAPER_SHAPES]
+    assert [n for n in names if name_matches("ViT-B", n)] == ["ViT-B/16 image b8"]
+    assert [n for n in names if name_matches("b4, ViViT", n)] == ["VideoMAE-B ST b4", "ViViT-B ST b1",
+                                                                 "TimeSformer DST b4"]
+    assert all(name_matches("", n) for n in names) and not any(name_matches("nothing", n) for n in names)
+    assert name_matches("ViT-B/16", "timm ViT-B/16 224") and not name_matches("ViT-B", "ViViT-B 32x224")
