@@ -223,3 +223,110 @@ def test_gradient_checkpointing_is_refused_while_merging(family):
         logits(model, x)
     model.r = 0
     logits(model, x).sum().backward()  # nothing merges: checkpointing is fine
+
+
+# -- output_attentions / output_hidden_states of the Hugging Face patches ----------------------
+HF = ["videomae", "vivit", "timesformer"]
+
+
+def hf_build(family, impl="eager"):
+    pytest.importorskip("transformers")
+    model, x, patch, _ = build(family)
+    if family != "timesformer":  # TimeSformer's attention is always eager
+        model.set_attn_implementation(impl)
+    return model, x, patch
+
+
+def attention_rows(model, x, counts):
+    """(tokens per attention row, groups) every block's attention should have: the whole
+    sequence for the spatio-temporal patches, class + n per frame for TimeSformer."""
+    st = model._vt
+    if st.scheme == "dst":
+        t = st.grid[0]
+        return [((n - 1) // t + 1, x.shape[0] * t) for n in counts]
+    return [(n, x.shape[0]) for n in counts]
+
+
+@pytest.mark.parametrize("family", HF)
+def test_attentions_at_r0_equal_unpatched(family):
+    model, x, patch = hf_build(family)
+    with torch.no_grad():
+        want = model(x, output_attentions=True).attentions
+        patch(model, r=0)
+        got = model(x, output_attentions=True).attentions
+    assert len(want) == len(got) == len(blocks(model))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", HF)
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_attentions_follow_the_merged_tokens(family, prop_attn):
+    model, x, patch = hf_build(family)
+    patch(model, r=[3, 2, 0], prop_attn=prop_attn)
+    with torch.no_grad():
+        out = model(x, output_attentions=True, output_hidden_states=True)
+    counts = vt.patch.token_counts(model, x.shape)
+    assert [h.shape[1] for h in out.hidden_states] == counts
+    assert len(out.attentions) == len(blocks(model))
+    for a, (n, g) in zip(out.attentions, attention_rows(model, x, counts)):
+        assert a.shape == (g, model.config.num_attention_heads, n, n)
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
+
+
+@pytest.mark.parametrize("family", ["videomae", "vivit"])
+def test_attentions_are_the_ones_used(family):
+    """Eager and sdpa give the same logits when merging (the size bias is in both), and the
+    recorded probabilities of block 2 are softmax(q k^T / sqrt(d) + log size) of its input."""
+    model, x, patch = hf_build(family)
+    patch(model, r=[3, 2, 0], prop_attn=True)
+    with torch.no_grad():
+        out = model(x, output_attentions=True, output_hidden_states=True)
+        size = model._vt.size  # nothing merges after block 1
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(model(x).logits, out.logits, rtol=0, atol=1e-5)
+        blk = blocks(model)[2]
+        sa = blk.attention.attention if family == "videomae" else blk.attention
+        qp, kp = (sa.query, sa.key) if family == "videomae" else (sa.q_proj, sa.k_proj)
+        y = blk.layernorm_before(out.hidden_states[2])
+        q, k = (vt.patch.common.heads_split(p(y), model.config.num_attention_heads) for p in (qp, kp))
+        want = ((q @ k.transpose(-2, -1)) * sa.scaling + size.log()[:, None, None, :, 0]).softmax(-1)
+    torch.testing.assert_close(out.attentions[2], want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", HF)
+def test_no_attentions_without_eager(family, monkeypatch):
+    """sdpa (and TimeSformer without output_attentions): no probabilities are computed or
+    returned, as for the unpatched model."""
+    import importlib
+
+    model, x, patch = hf_build(family, "sdpa")
+    flag = {} if family == "timesformer" else dict(output_attentions=True)
+    with torch.no_grad():
+        want = model(x, **flag).attentions
+        patch(model, r=2)
+        mod = importlib.import_module(f"vtome_kernels.patch.{family}")
+        calls = []
+
+        def spy(*a, probs=False, **kw):
+            calls.append(probs)
+            return vt.patch.common.attend(*a, probs=probs, **kw)
+
+        monkeypatch.setattr(mod, "attend", spy)
+        got = model(x, **flag).attentions
+    assert want in (None, ()) and got == want
+    assert calls and not any(calls)
+
+
+@pytest.mark.parametrize("family", HF)
+def test_hidden_states_follow_the_merged_tokens(family):
+    model, x, patch = hf_build(family, "sdpa")
+    with torch.no_grad():
+        want = model(x, output_hidden_states=True).hidden_states
+        patch(model, r=0)
+        same = model(x, output_hidden_states=True).hidden_states
+        model.r = 2
+        merged = model(x, output_hidden_states=True).hidden_states
+    for a, b in zip(same, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert [h.shape[1] for h in merged] == vt.patch.token_counts(model, x.shape)

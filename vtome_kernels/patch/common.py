@@ -165,22 +165,35 @@ def _checkpointing(model) -> bool:
     return False
 
 
-def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str):
+def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str,
+           probs: bool = False, mask: Optional[torch.Tensor] = None):
     """Attention of q over k, v [B, H, N, d] with a log(size) bias per key (ALGORITHM.md 2).
 
     size None is the library's own plain attention (scaled_dot_product_attention), so an
-    unmerged model computes exactly what it computed before the patch. Attention dropout
-    while training needs the probabilities, so it is done step by step.
+    unmerged model computes exactly what it computed before the patch. probs=True (the
+    eager attention of a Hugging Face config) computes it step by step and returns
+    (context, probabilities), the probabilities with the size bias and dropout applied, as
+    the unpatched eager attention returns them. Attention dropout while training also needs
+    the probabilities. mask: an additive attention mask (only without merging).
     """
-    if training and dropout_p > 0:
+    if probs or (training and dropout_p > 0):
         logits = (q @ k.transpose(-2, -1)) * scale
         if size is not None:
             logits = logits + size.float().log()[:, None, None, :, 0].to(logits.dtype)
-        probs = F.dropout(logits.softmax(dim=-1), dropout_p, training=True)
-        return probs @ v
-    if size is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if mask is not None:
+            logits = logits + mask
+        p = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        p = F.dropout(p, dropout_p, training=True) if training and dropout_p > 0 else p
+        return (p @ v, p) if probs else p @ v
+    if size is None or mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return prop_attention(q, k, v, size, scale=scale, backend=backend)
+
+
+def eager(module: torch.nn.Module) -> bool:
+    """Whether a Hugging Face attention module's config asks for eager attention (the one
+    implementation that returns its probabilities; sdpa, flash, ... return None)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None) == "eager"
 
 
 # -- class swapping ---------------------------------------------------------------------------
@@ -211,9 +224,14 @@ def find_state(blocks: Sequence[torch.nn.Module]) -> Optional[MergeState]:
 def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: Callable,
             embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
             extra_hooks: Callable[[MergeState], None] = lambda s: None,
-            embed_forward: Optional[Callable] = None, select=None, select_groups="auto") -> torch.nn.Module:
+            embed_forward: Optional[Callable] = None, select=None, select_groups="auto",
+            attention: Sequence[Tuple[torch.nn.Module, Callable]] = ()) -> torch.nn.Module:
     """Patch blocks (class swap) and embed (state reset hook; class swap when the family
-    supports select) once; (re)set options and r."""
+    supports select) once; (re)set options and r.
+
+    attention: (module, forward) pairs of attention modules to class-swap as well, the
+    modules a Hugging Face model hooks to record ``output_attentions``: a block calls them
+    as modules, so those hooks see the attention the patch computes."""
     if len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to patch")
     state = find_state(blocks)
@@ -239,6 +257,9 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
         if embed_forward is not None:
             embed._vt_state = state
             embed.__class__ = patched_class(type(embed), embed_forward)
+        for module, fwd in attention:
+            module._vt_state = state
+            module.__class__ = patched_class(type(module), fwd)
     extra_hooks(state)
     state.owner = model
     model._vt = state
