@@ -211,18 +211,59 @@ def test_deepcopy_of_a_patched_model(family):
         torch.testing.assert_close(logits(twin, x), base, rtol=0, atol=1e-5)
 
 
-def test_gradient_checkpointing_is_refused_while_merging(family):
-    model, x, patch, _ = build(family)
+def enable_checkpointing(model, family, reentrant, monkeypatch):
     if family == "timm":
+        import timm.layers.config
+
+        monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", reentrant)
         model.set_grad_checkpointing(True)
     else:
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    patch(model, r=2)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+def train_step(model, x):
+    """Loss, every parameter's gradient, the token counts and source map of one step."""
+    model.zero_grad(set_to_none=True)
+    loss = logits(model, x).square().mean()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, list(model._vt.tokens), vt.patch.source(model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("r", [2, (2, -1.0)])
+def test_gradient_checkpointing_with_merging(family, reentrant, r, monkeypatch):
+    """A block recomputed in backward replays the merge it made in forward: the loss and
+    every gradient are those without checkpointing; the state is the forward's."""
+    model, x, patch, _ = build(family)
+    patch(model, r=r, trace_source=True)
     model.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    want = train_step(model, x)
+    enable_checkpointing(model, family, reentrant, monkeypatch)
+    st = model._vt
+    entered = []
+    enter = st.enter
+    st.enter = lambda i, n: entered.append(i) or enter(i, n)
+    got = train_step(model, x)
+    depth = len(blocks(model))
+    assert sorted(entered) == sorted(list(range(depth)) * 2)  # every block ran again in backward
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
+    assert got[1].keys() == want[1].keys() and len(got[1]) == len(list(model.parameters()))
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=0, atol=1e-5, msg=k)
+    assert got[2] == want[2] == vt.patch.token_counts(model, x.shape)[:-1]
+    torch.testing.assert_close(got[3], want[3], rtol=0, atol=0)
+    torch.testing.assert_close(st.size, want[3].sum(-1, keepdim=True))
+
+
+def test_a_block_run_twice_on_other_tokens_is_an_error(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=2)
+    with torch.no_grad():
         logits(model, x)
-    model.r = 0
-    logits(model, x).sum().backward()  # nothing merges: checkpointing is fine
+        blk = blocks(model)[1]
+        with pytest.raises(RuntimeError, match="only activation checkpointing"):
+            blk(torch.randn(x.shape[0], model._vt.tokens[1] + 1, 32))
 
 
 # -- output_attentions / output_hidden_states of the Hugging Face patches ----------------------

@@ -6,12 +6,16 @@ ALGORITHM.md section 3 (attention -> residual -> merge of this layer's r -> MLP)
 module objects and their weights stay as they are. A forward pre-hook on the embedding
 module resets the state (sizes, source map, the r of every layer) at the start of every
 forward, so it works however the model is entered (``forward``, ``forward_features``, ...).
+Every block forward goes through ``MergeState.enter`` / ``leave``: a block called again
+before the next forward (activation checkpointing recomputing it in backward) replays its
+first call from the state recorded then, and changes nothing.
 The r schedule is read from ``model.r`` at that moment (int, per-layer list or
 (r, inflect), see ``vtome_kernels.schedule``).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -78,6 +82,7 @@ class MergeState:
         self.source: Optional[torch.Tensor] = None
         self.grid: Optional[Tuple[int, int, int]] = None
         self.tokens: List[int] = []
+        self.entries: Dict[int, tuple] = {}  # block -> (size, source, N) on first entry
         self.merge_seconds = 0.0
         self.last: Optional[torch.Tensor] = None
         self.kept: Optional[torch.Tensor] = None  # [B, K] positions kept by select
@@ -120,14 +125,33 @@ class MergeState:
         owner = self.owner
         r = getattr(owner, "r", 0) if owner is not None else 0
         self.r_list = self.schedule(r)
-        if _checkpointing(owner) and owner.training and torch.is_grad_enabled() and any(self.r_list):
-            # A recomputed block would merge a second time on the state the first pass left.
-            raise ValueError("gradient checkpointing cannot be combined with token merging (r > 0) while "
-                             "training: disable it or set model.r = 0")
         self.size = self.source = self.last = self.kept = None
         self.grid = self.grid_of(tuple(input_shape))
         self.tokens = []
+        self.entries = {}
         self.merge_seconds = 0.0
+
+    def enter(self, i: int, n: int):
+        """Block i starts with n tokens. The first call in a forward records the state it
+        starts from; a second one (activation checkpointing recomputing the block during
+        backward) starts from that recorded state instead, so it makes the same merge.
+        Returns what ``leave`` restores after a recompute (None after a first call)."""
+        if i not in self.entries:
+            self.entries[i] = (self.size, self.source, n)
+            self.tokens.append(n)
+            return None
+        size, source, n0 = self.entries[i]
+        if n != n0:
+            raise RuntimeError(f"block {i} of a patched model ran again in the same forward with {n} tokens "
+                               f"instead of {n0}: only activation checkpointing may call a block twice")
+        saved = (self.size, self.source, self.last, self.merge_seconds)
+        self.size, self.source = size, source
+        return saved
+
+    def leave(self, saved) -> None:
+        """After a recompute: put back the state of the forward (sizes, source map, ...)."""
+        if saved is not None:
+            self.size, self.source, self.last, self.merge_seconds = saved
 
     def merge(self, i: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
         """Block i's merge of x [B, N, C] (or [B, T, N, C] per frame) by its metric."""
@@ -155,14 +179,6 @@ class MergeState:
     def attn_size(self) -> Optional[torch.Tensor]:
         """Key sizes for proportional attention, or None (plain attention)."""
         return self.size if self.prop_attn else None
-
-
-def _checkpointing(model) -> bool:
-    """Whether activation checkpointing is on (transformers' or timm's flag)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing", "grad_checkpointing"):
-        if hasattr(type(model), name) or name in vars(model):
-            return bool(getattr(model, name))
-    return False
 
 
 def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str,
@@ -198,6 +214,27 @@ def eager(module: torch.nn.Module) -> bool:
 
 # -- class swapping ---------------------------------------------------------------------------
 _SUBCLASSES: Dict[Tuple[type, Callable], type] = {}
+
+
+_ENTERED: Dict[Callable, Callable] = {}
+
+
+def block_forward(forward: Callable) -> Callable:
+    """A block's patched forward wrapped in MergeState.enter / leave (made once per forward):
+    counts the tokens entering, and makes a checkpoint recompute replay the first call."""
+    if forward not in _ENTERED:
+        @functools.wraps(forward)
+        def entered(self, *args, **kwargs):
+            st = self._vt_state
+            x = args[0] if args else next(iter(kwargs.values()))
+            saved = st.enter(self._vt_index, x.shape[1])
+            try:
+                return forward(self, *args, **kwargs)
+            finally:
+                st.leave(saved)
+
+        _ENTERED[forward] = entered
+    return _ENTERED[forward]
 
 
 def patched_class(cls: type, forward: Callable) -> type:
@@ -252,7 +289,7 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
     if fresh:
         for i, block in enumerate(blocks):
             block._vt_state, block._vt_index = state, i
-            block.__class__ = patched_class(type(block), forward)
+            block.__class__ = patched_class(type(block), block_forward(forward))
         embed.register_forward_pre_hook(BeginHook(state), with_kwargs=True)
         if embed_forward is not None:
             embed._vt_state = state

@@ -34,7 +34,6 @@ def _attention(module, x, size, st, probs: bool = False):
 def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
     st = self._vt_state
     x = hidden_states
-    st.tokens.append(x.shape[1])
     t = self.config.num_frames
     b, length, c = x.shape
     n = (length - 1) // t

@@ -16,7 +16,6 @@ def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = Fals
     st = self._vt_state
     if (attn_mask is not None or is_causal) and any(st.r_list):
         raise ValueError("a patched timm ViT merges tokens, so attn_mask / is_causal cannot be used with r > 0")
-    st.tokens.append(x.shape[1])
     a = self.attn
     y = self.norm1(x)
     b, n, _ = y.shape

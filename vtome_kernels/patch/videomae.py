@@ -31,7 +31,6 @@ def _attention_forward(self, hidden_states: torch.Tensor, **kwargs):
 def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     st = self._vt_state
     x = hidden_states
-    st.tokens.append(x.shape[1])
     sa = self.attention.attention
     y = self.layernorm_before(x)
     ctx, _ = sa(y)  # called as a module: output_attentions records its probabilities

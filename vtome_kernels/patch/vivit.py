@@ -32,7 +32,6 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwa
     if attention_mask is not None and any(st.r_list):
         raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
     x = hidden_states
-    st.tokens.append(x.shape[1])
     a = self.attention
     out, _ = a(self.layernorm_before(x), attention_mask)  # as a module: output_attentions records it
     k = a.__dict__.pop("_vt_keys")
