@@ -64,9 +64,13 @@ class MergeState:
 
     def __init__(self, family: str, depth: int, scheme: str, class_token: bool,
                  distill_token: bool, grid_of: Callable[[Tuple[int, ...]], Tuple[int, int, int]],
-                 cost: CostModel):
+                 cost: CostModel, prefix: Optional[int] = None):
         self.family, self.depth, self.scheme = family, depth, scheme
         self.class_token, self.distill_token = class_token, distill_token
+        # Tokens in front that never merge (class, distillation, registers): vt.match itself
+        # protects a class token at 0 and a distillation token at 1; a longer prefix is set
+        # aside around the match.
+        self.prefix = int(class_token) + int(distill_token) if prefix is None else prefix
         self.grid_of, self.cost = grid_of, cost
         self.owner: Optional[torch.nn.Module] = None  # the module whose .r is the schedule
         self.timing = False
@@ -89,7 +93,8 @@ class MergeState:
 
     @property
     def protected(self) -> int:
-        return int(self.class_token) + int(self.distill_token)
+        """Tokens in front that never merge and keep size 1."""
+        return self.prefix
 
     # -- options --------------------------------------------------------------------------
     def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend):
@@ -159,12 +164,29 @@ class MergeState:
         if r <= 0:
             return x
         t0 = time.perf_counter() if self.timing else 0.0
-        plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
-                     mode=self.mode, threshold=self.threshold, backend=self.backend)
-        if plan.r > 0:
-            if self.trace_source:
-                self.source = plan.merge_source(self.source)
-            x, self.size = plan.merge(x, self.size)
+        p = self.prefix
+        if p == int(self.class_token) + int(self.distill_token):  # vt.match protects the prefix
+            plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
+                         mode=self.mode, threshold=self.threshold, backend=self.backend)
+            if plan.r > 0:
+                if self.trace_source:
+                    self.source = plan.merge_source(self.source)
+                x, self.size = plan.merge(x, self.size)
+        else:  # set the prefix aside, match and merge the rest, put the prefix back in front
+            plan = match(metric[..., p:, :], r, mode=self.mode, threshold=self.threshold, backend=self.backend)
+            if plan.r > 0:
+                n = x.shape[-2]
+                if self.trace_source:
+                    src = self.source
+                    if src is None:
+                        src = torch.eye(n, device=x.device).expand(x.shape[:-2] + (n, n))
+                    self.source = torch.cat((src[..., :p, :], plan.merge_source(src[..., p:, :])), dim=-2)
+                size = self.size
+                if size is None:
+                    size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+                rest, rest_size = plan.merge(x[..., p:, :], size[..., p:, :])
+                x = torch.cat((x[..., :p, :], rest), dim=-2)
+                self.size = torch.cat((size[..., :p, :], rest_size.to(size.dtype)), dim=-2)
         if self.timing:
             self.merge_seconds += time.perf_counter() - t0
         return x

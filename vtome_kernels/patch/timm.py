@@ -1,8 +1,10 @@
 """Patch for timm's VisionTransformer (and DeiT's distilled variant): ToMe in every Block.
 
 Block: x + Attn(LN(x)) (the keys give the metric) -> merge r -> x + MLP(LN(x)).
-The class token (and DeiT's distillation token) are protected; proportional attention is
-on by default, as ToMe uses it for supervised ViTs.
+Every prefix token (``model.num_prefix_tokens``: the class token, DeiT's distillation
+token, register tokens, in timm's order cls, then registers) is protected: it never merges
+and keeps size 1, also without a class token. Proportional attention is on by default, as
+ToMe uses it for supervised ViTs.
 """
 
 from __future__ import annotations
@@ -61,12 +63,11 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
         if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
             raise TypeError(f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
                             "the timm patch supports Block with the standard Attention")
-    if getattr(model, "reg_token", None) is not None:
-        raise ValueError("timm ViTs with register tokens are not supported (only class and distillation tokens are protected)")
     cls = getattr(model, "cls_token", None) is not None
     dist = getattr(model, "dist_token", None) is not None
     if dist and not cls:
         raise ValueError("a distillation token without a class token is not supported")
+    prefix = model.num_prefix_tokens  # class, distillation and register tokens, in front
     pe = model.patch_embed
     ph, pw = pe.patch_size
     first = blocks[0]
@@ -75,7 +76,7 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     def make_state():
         return MergeState("timm", len(blocks), "st", cls, dist,
-                          lambda shape: grid_from(shape, "BCHW", 1, ph, pw, "timm ViT"), cost)
+                          lambda shape: grid_from(shape, "BCHW", 1, ph, pw, "timm ViT"), cost, prefix)
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
