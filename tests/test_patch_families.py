@@ -215,6 +215,29 @@ def test_register_vit_trains_with_and_without_checkpointing(reg_kind):
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-5, msg=k)
 
 
+def test_timm_forward_intermediates():
+    """NLC intermediates follow the merged counts; NCHW (a reshape to the patch grid that
+    would silently mix channels of merged tokens) is refused while merging, exact at r=0."""
+    pytest.importorskip("timm")
+    model, x, patch, _ = build("timm")
+    with torch.no_grad():
+        want = model.forward_intermediates(x, intermediates_only=True)
+        patch(model, r=0)
+        got = model.forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        model.r = 2
+        with pytest.raises(ValueError, match="output_fmt='NLC'"):
+            model.forward_intermediates(x)
+        with pytest.raises(ValueError, match="output_fmt='NLC'"):
+            model.get_intermediate_layers(x, n=2, reshape=True)
+        nlc = model.forward_intermediates(x, None, False, False, False, "NLC", True)
+    counts = vt.patch.token_counts(model, x.shape)
+    assert [t.shape[1] + 1 for t in nlc] == counts[1:]  # the class token split off
+    vt.patch.remove(model)
+    assert type(model).__name__ == "VisionTransformer"
+
+
 # -- budget ----------------------------------------------------------------------------------
 def test_flops_hand_count_vit():
     """Unpatched FLOPs of the tiny ViT, counted by hand from its sizes."""

@@ -259,14 +259,14 @@ def block_forward(forward: Callable) -> Callable:
     return _ENTERED[forward]
 
 
-def patched_class(cls: type, forward: Callable) -> type:
-    """A subclass of cls whose forward is ``forward`` (made once per class)."""
+def patched_class(cls: type, forward: Callable, name: str = "forward") -> type:
+    """A subclass of cls whose method ``name`` (forward) is ``forward`` (made once per class)."""
     if getattr(cls, "_vt_patched", False):
         return cls
     key = (cls, forward)
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"VT{cls.__name__}", (cls,), {
-            "forward": forward, "_vt_patched": True, "_vt_base": cls, "__module__": cls.__module__,
+            name: forward, "_vt_patched": True, "_vt_base": cls, "__module__": cls.__module__,
         })
     return _SUBCLASSES[key]
 

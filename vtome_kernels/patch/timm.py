@@ -4,14 +4,17 @@ Block: x + Attn(LN(x)) (the keys give the metric) -> merge r -> x + MLP(LN(x)).
 Every prefix token (``model.num_prefix_tokens``: the class token, DeiT's distillation
 token, register tokens, in timm's order cls, then registers) is protected: it never merges
 and keeps size 1, also without a class token. Proportional attention is on by default, as
-ToMe uses it for supervised ViTs.
+ToMe uses it for supervised ViTs. The model's own class is swapped too, so that
+``forward_intermediates`` refuses an NCHW reshape of merged tokens.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from .common import CostModel, MergeState, attend, grid_from, install
+from .common import CostModel, MergeState, attend, grid_from, install, patched_class
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -40,6 +43,22 @@ def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = Fals
     x = st.merge(self._vt_index, x, st.key_metric(k))
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return x
+
+
+def _forward_intermediates(self, *args, **kwargs):
+    """VisionTransformer.forward_intermediates, refusing output_fmt="NCHW" while merging:
+    merged tokens have no H x W layout, and timm's reshape would silently mix channels."""
+    base = self._vt_base.forward_intermediates
+    fmt = inspect.signature(base).bind(self, *args, **kwargs).arguments.get("output_fmt", "NCHW")
+    if fmt == "NCHW" and any(self._vt.schedule(self.r)):
+        raise ValueError("a patched timm ViT that merges tokens (r > 0) has no H x W token grid: use "
+                         "output_fmt='NLC' (get_intermediate_layers(reshape=False)) or set model.r = 0")
+    return base(self, *args, **kwargs)
+
+
+def _swap_model_class(model, state) -> None:
+    model._vt_state = state
+    model.__class__ = patched_class(type(model), _forward_intermediates, "forward_intermediates")
 
 
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
@@ -80,4 +99,4 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _block_forward, pe, make_state, r, options)
+    return install(model, blocks, _block_forward, pe, make_state, r, options, extra_hooks=lambda st: _swap_model_class(model, st))
