@@ -1,5 +1,5 @@
 """What is particular to each patched family: TimeSformer's per-frame merge in its own
-token order, ViViT's and DeiT's protected tokens, VideoMAE's pooling, the budget helper."""
+token order, ViViT's, DeiT's and register ViTs' protected tokens, VideoMAE's pooling, the budget helper."""
 
 from __future__ import annotations
 
@@ -115,12 +115,127 @@ def test_deit_distillation_token_protected():
     assert src[:, :2].sum(-1).eq(1).all()
 
 
-def test_timm_register_tokens_refused():
+REGISTER_VITS = {  # timm order: class token, then registers, then patches
+    "cls+reg": dict(reg_tokens=4),
+    "cls+reg, no_embed_class": dict(reg_tokens=4, no_embed_class=True),
+    "reg only": dict(reg_tokens=4, class_token=False, global_pool="avg"),
+    "reg only, no_embed_class": dict(reg_tokens=3, class_token=False, global_pool="avg", no_embed_class=True),
+}
+
+
+def register_vit(kind):
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=1,
-                              embed_dim=32, num_heads=2, reg_tokens=2)
-    with pytest.raises(ValueError, match="register tokens"):
-        vt.patch.timm(model, r=1)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=3,
+                              embed_dim=32, num_heads=2, num_classes=5, **REGISTER_VITS[kind]).eval()
+    return model, torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture(params=sorted(REGISTER_VITS))
+def reg_kind(request):
+    return request.param
+
+
+def block_outputs(model, x):
+    out, handles = [], [b.register_forward_hook(lambda m, a, o: out.append(o)) for b in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_register_vit_r0_equals_unpatched(reg_kind):
+    model, x = register_vit(reg_kind)
+    with torch.no_grad():
+        want = model(x)
+        vt.patch.timm(model, r=0)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [2, (3, -1.0), 1000])
+def test_register_vit_counts_follow_schedule(reg_kind, r):
+    model, x = register_vit(reg_kind)
+    vt.patch.timm(model, r=r)
+    p = model.num_prefix_tokens
+    assert model._vt.protected == p
+    seen = [o.shape[1] for o in block_outputs(model, x)]
+    want = vt.patch.token_counts(model, x.shape)
+    assert want[0] == 64 + p and [want[0]] + seen == [want[0]] + want[1:]
+    assert model._vt.tokens == want[:-1]
+    if r == 1000:  # clamped to half of the patch tokens, the prefix kept
+        assert want[1] == p + 32
+
+
+def test_register_vit_prefix_never_merges(reg_kind):
+    """The prefix rows after block 0 are the unmerged block's (attention + residual + MLP,
+    per token), whatever merges around them; they keep size 1 and their own source."""
+    model, x = register_vit(reg_kind)
+    p = model.num_prefix_tokens
+    vt.patch.timm(model, r=0)
+    want = block_outputs(model, x)[0]
+    vt.patch.timm(model, r=[20, 5, 5], trace_source=True)
+    got = block_outputs(model, x)
+    assert got[0].shape[1] == 64 + p - 20
+    torch.testing.assert_close(got[0][:, :p], want[:, :p], rtol=0, atol=1e-6)
+    src, size = vt.patch.source(model), model._vt.size
+    assert src.shape == (2, 64 + p - 30, 64 + p)
+    torch.testing.assert_close(src[:, :p], torch.eye(p, 64 + p).expand(2, -1, -1), rtol=0, atol=0)
+    assert src[:, p:, :p].eq(0).all()  # no patch token holds a prefix token
+    torch.testing.assert_close(src.sum(-2), torch.ones(2, 64 + p))
+    torch.testing.assert_close(src.sum(-1, keepdim=True), size)
+    assert size[:, :p].eq(1).all() and size[:, p:].sum(1).eq(64).all()
+
+
+def test_register_vit_draw_and_budget(reg_kind, tmp_path):
+    model, x = register_vit(reg_kind)
+    vt.patch.timm(model, r=8, trace_source=True)
+    with torch.no_grad():
+        model(x)
+    picture = vt.vis.draw_model(model, path=tmp_path / "img.png")
+    assert picture.size == (8 * 16 + 4, 8 * 16 + 4)
+    model.r = vt.patch.budget(model, x.shape, flops_ratio=0.6)
+    assert vt.patch.flops(model, x.shape) <= 0.6 * vt.patch.flops(model, x.shape, 0)
+    assert [o.shape[1] for o in block_outputs(model, x)] == vt.patch.token_counts(model, x.shape)[1:]
+
+
+def test_register_vit_trains_with_and_without_checkpointing(reg_kind):
+    model, x = register_vit(reg_kind)
+    vt.patch.timm(model, r=4)
+    model.train()
+    grads = []
+    for ckpt in (False, True):
+        model.set_grad_checkpointing(ckpt)
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0]["reg_token"].abs().sum() > 0
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_timm_forward_intermediates():
+    """NLC intermediates follow the merged counts; NCHW (a reshape to the patch grid that
+    would silently mix channels of merged tokens) is refused while merging, exact at r=0."""
+    pytest.importorskip("timm")
+    model, x, patch, _ = build("timm")
+    with torch.no_grad():
+        want = model.forward_intermediates(x, intermediates_only=True)
+        patch(model, r=0)
+        got = model.forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        model.r = 2
+        with pytest.raises(ValueError, match="output_fmt='NLC'"):
+            model.forward_intermediates(x)
+        with pytest.raises(ValueError, match="output_fmt='NLC'"):
+            model.get_intermediate_layers(x, n=2, reshape=True)
+        nlc = model.forward_intermediates(x, None, False, False, False, "NLC", True)
+    counts = vt.patch.token_counts(model, x.shape)
+    assert [t.shape[1] + 1 for t in nlc] == counts[1:]  # the class token split off
+    vt.patch.remove(model)
+    assert type(model).__name__ == "VisionTransformer"
 
 
 # -- budget ----------------------------------------------------------------------------------

@@ -211,15 +211,163 @@ def test_deepcopy_of_a_patched_model(family):
         torch.testing.assert_close(logits(twin, x), base, rtol=0, atol=1e-5)
 
 
-def test_gradient_checkpointing_is_refused_while_merging(family):
-    model, x, patch, _ = build(family)
+def enable_checkpointing(model, family, reentrant, monkeypatch):
     if family == "timm":
+        import timm.layers.config
+
+        monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", reentrant)
         model.set_grad_checkpointing(True)
     else:
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    patch(model, r=2)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+def train_step(model, x):
+    """Loss, every parameter's gradient, the token counts and source map of one step."""
+    model.zero_grad(set_to_none=True)
+    loss = logits(model, x).square().mean()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, list(model._vt.tokens), vt.patch.source(model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("r", [2, (2, -1.0)])
+def test_gradient_checkpointing_with_merging(family, reentrant, r, monkeypatch):
+    """A block recomputed in backward replays the merge it made in forward: the loss and
+    every gradient are those without checkpointing; the state is the forward's."""
+    model, x, patch, _ = build(family)
+    patch(model, r=r, trace_source=True)
     model.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    want = train_step(model, x)
+    enable_checkpointing(model, family, reentrant, monkeypatch)
+    st = model._vt
+    entered = []
+    enter = st.enter
+    st.enter = lambda i, n: entered.append(i) or enter(i, n)
+    got = train_step(model, x)
+    depth = len(blocks(model))
+    assert sorted(entered) == sorted(list(range(depth)) * 2)  # every block ran again in backward
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
+    assert got[1].keys() == want[1].keys() and len(got[1]) == len(list(model.parameters()))
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=0, atol=1e-5, msg=k)
+    assert got[2] == want[2] == vt.patch.token_counts(model, x.shape)[:-1]
+    torch.testing.assert_close(got[3], want[3], rtol=0, atol=0)
+    torch.testing.assert_close(st.size, want[3].sum(-1, keepdim=True))
+
+
+def test_a_block_run_twice_on_other_tokens_is_an_error(family):
+    model, x, patch, _ = build(family)
+    patch(model, r=2)
+    with torch.no_grad():
         logits(model, x)
-    model.r = 0
-    logits(model, x).sum().backward()  # nothing merges: checkpointing is fine
+        blk = blocks(model)[1]
+        with pytest.raises(RuntimeError, match="only activation checkpointing"):
+            blk(torch.randn(x.shape[0], model._vt.tokens[1] + 1, 32))
+
+
+# -- output_attentions / output_hidden_states of the Hugging Face patches ----------------------
+HF = ["videomae", "vivit", "timesformer"]
+
+
+def hf_build(family, impl="eager"):
+    pytest.importorskip("transformers")
+    model, x, patch, _ = build(family)
+    if family != "timesformer":  # TimeSformer's attention is always eager
+        model.set_attn_implementation(impl)
+    return model, x, patch
+
+
+def attention_rows(model, x, counts):
+    """(tokens per attention row, groups) every block's attention should have: the whole
+    sequence for the spatio-temporal patches, class + n per frame for TimeSformer."""
+    st = model._vt
+    if st.scheme == "dst":
+        t = st.grid[0]
+        return [((n - 1) // t + 1, x.shape[0] * t) for n in counts]
+    return [(n, x.shape[0]) for n in counts]
+
+
+@pytest.mark.parametrize("family", HF)
+def test_attentions_at_r0_equal_unpatched(family):
+    model, x, patch = hf_build(family)
+    with torch.no_grad():
+        want = model(x, output_attentions=True).attentions
+        patch(model, r=0)
+        got = model(x, output_attentions=True).attentions
+    assert len(want) == len(got) == len(blocks(model))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", HF)
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_attentions_follow_the_merged_tokens(family, prop_attn):
+    model, x, patch = hf_build(family)
+    patch(model, r=[3, 2, 0], prop_attn=prop_attn)
+    with torch.no_grad():
+        out = model(x, output_attentions=True, output_hidden_states=True)
+    counts = vt.patch.token_counts(model, x.shape)
+    assert [h.shape[1] for h in out.hidden_states] == counts
+    assert len(out.attentions) == len(blocks(model))
+    for a, (n, g) in zip(out.attentions, attention_rows(model, x, counts)):
+        assert a.shape == (g, model.config.num_attention_heads, n, n)
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
+
+
+@pytest.mark.parametrize("family", ["videomae", "vivit"])
+def test_attentions_are_the_ones_used(family):
+    """Eager and sdpa give the same logits when merging (the size bias is in both), and the
+    recorded probabilities of block 2 are softmax(q k^T / sqrt(d) + log size) of its input."""
+    model, x, patch = hf_build(family)
+    patch(model, r=[3, 2, 0], prop_attn=True)
+    with torch.no_grad():
+        out = model(x, output_attentions=True, output_hidden_states=True)
+        size = model._vt.size  # nothing merges after block 1
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(model(x).logits, out.logits, rtol=0, atol=1e-5)
+        blk = blocks(model)[2]
+        sa = blk.attention.attention if family == "videomae" else blk.attention
+        qp, kp = (sa.query, sa.key) if family == "videomae" else (sa.q_proj, sa.k_proj)
+        y = blk.layernorm_before(out.hidden_states[2])
+        q, k = (vt.patch.common.heads_split(p(y), model.config.num_attention_heads) for p in (qp, kp))
+        want = ((q @ k.transpose(-2, -1)) * sa.scaling + size.log()[:, None, None, :, 0]).softmax(-1)
+    torch.testing.assert_close(out.attentions[2], want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", HF)
+def test_no_attentions_without_eager(family, monkeypatch):
+    """sdpa (and TimeSformer without output_attentions): no probabilities are computed or
+    returned, as for the unpatched model."""
+    import importlib
+
+    model, x, patch = hf_build(family, "sdpa")
+    flag = {} if family == "timesformer" else dict(output_attentions=True)
+    with torch.no_grad():
+        want = model(x, **flag).attentions
+        patch(model, r=2)
+        mod = importlib.import_module(f"vtome_kernels.patch.{family}")
+        calls = []
+
+        def spy(*a, probs=False, **kw):
+            calls.append(probs)
+            return vt.patch.common.attend(*a, probs=probs, **kw)
+
+        monkeypatch.setattr(mod, "attend", spy)
+        got = model(x, **flag).attentions
+    assert want in (None, ()) and got == want
+    assert calls and not any(calls)
+
+
+@pytest.mark.parametrize("family", HF)
+def test_hidden_states_follow_the_merged_tokens(family):
+    model, x, patch = hf_build(family, "sdpa")
+    with torch.no_grad():
+        want = model(x, output_hidden_states=True).hidden_states
+        patch(model, r=0)
+        same = model(x, output_hidden_states=True).hidden_states
+        model.r = 2
+        merged = model(x, output_hidden_states=True).hidden_states
+    for a, b in zip(same, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert [h.shape[1] for h in merged] == vt.patch.token_counts(model, x.shape)

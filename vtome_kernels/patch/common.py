@@ -6,12 +6,16 @@ ALGORITHM.md section 3 (attention -> residual -> merge of this layer's r -> MLP)
 module objects and their weights stay as they are. A forward pre-hook on the embedding
 module resets the state (sizes, source map, the r of every layer) at the start of every
 forward, so it works however the model is entered (``forward``, ``forward_features``, ...).
+Every block forward goes through ``MergeState.enter`` / ``leave``: a block called again
+before the next forward (activation checkpointing recomputing it in backward) replays its
+first call from the state recorded then, and changes nothing.
 The r schedule is read from ``model.r`` at that moment (int, per-layer list or
 (r, inflect), see ``vtome_kernels.schedule``).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -60,9 +64,13 @@ class MergeState:
 
     def __init__(self, family: str, depth: int, scheme: str, class_token: bool,
                  distill_token: bool, grid_of: Callable[[Tuple[int, ...]], Tuple[int, int, int]],
-                 cost: CostModel):
+                 cost: CostModel, prefix: Optional[int] = None):
         self.family, self.depth, self.scheme = family, depth, scheme
         self.class_token, self.distill_token = class_token, distill_token
+        # Tokens in front that never merge (class, distillation, registers): vt.match itself
+        # protects a class token at 0 and a distillation token at 1; a longer prefix is set
+        # aside around the match.
+        self.prefix = int(class_token) + int(distill_token) if prefix is None else prefix
         self.grid_of, self.cost = grid_of, cost
         self.owner: Optional[torch.nn.Module] = None  # the module whose .r is the schedule
         self.timing = False
@@ -78,13 +86,15 @@ class MergeState:
         self.source: Optional[torch.Tensor] = None
         self.grid: Optional[Tuple[int, int, int]] = None
         self.tokens: List[int] = []
+        self.entries: Dict[int, tuple] = {}  # block -> (size, source, N) on first entry
         self.merge_seconds = 0.0
         self.last: Optional[torch.Tensor] = None
         self.kept: Optional[torch.Tensor] = None  # [B, K] positions kept by select
 
     @property
     def protected(self) -> int:
-        return int(self.class_token) + int(self.distill_token)
+        """Tokens in front that never merge and keep size 1."""
+        return self.prefix
 
     # -- options --------------------------------------------------------------------------
     def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend):
@@ -120,14 +130,33 @@ class MergeState:
         owner = self.owner
         r = getattr(owner, "r", 0) if owner is not None else 0
         self.r_list = self.schedule(r)
-        if _checkpointing(owner) and owner.training and torch.is_grad_enabled() and any(self.r_list):
-            # A recomputed block would merge a second time on the state the first pass left.
-            raise ValueError("gradient checkpointing cannot be combined with token merging (r > 0) while "
-                             "training: disable it or set model.r = 0")
         self.size = self.source = self.last = self.kept = None
         self.grid = self.grid_of(tuple(input_shape))
         self.tokens = []
+        self.entries = {}
         self.merge_seconds = 0.0
+
+    def enter(self, i: int, n: int):
+        """Block i starts with n tokens. The first call in a forward records the state it
+        starts from; a second one (activation checkpointing recomputing the block during
+        backward) starts from that recorded state instead, so it makes the same merge.
+        Returns what ``leave`` restores after a recompute (None after a first call)."""
+        if i not in self.entries:
+            self.entries[i] = (self.size, self.source, n)
+            self.tokens.append(n)
+            return None
+        size, source, n0 = self.entries[i]
+        if n != n0:
+            raise RuntimeError(f"block {i} of a patched model ran again in the same forward with {n} tokens "
+                               f"instead of {n0}: only activation checkpointing may call a block twice")
+        saved = (self.size, self.source, self.last, self.merge_seconds)
+        self.size, self.source = size, source
+        return saved
+
+    def leave(self, saved) -> None:
+        """After a recompute: put back the state of the forward (sizes, source map, ...)."""
+        if saved is not None:
+            self.size, self.source, self.last, self.merge_seconds = saved
 
     def merge(self, i: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
         """Block i's merge of x [B, N, C] (or [B, T, N, C] per frame) by its metric."""
@@ -135,12 +164,29 @@ class MergeState:
         if r <= 0:
             return x
         t0 = time.perf_counter() if self.timing else 0.0
-        plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
-                     mode=self.mode, threshold=self.threshold, backend=self.backend)
-        if plan.r > 0:
-            if self.trace_source:
-                self.source = plan.merge_source(self.source)
-            x, self.size = plan.merge(x, self.size)
+        p = self.prefix
+        if p == int(self.class_token) + int(self.distill_token):  # vt.match protects the prefix
+            plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
+                         mode=self.mode, threshold=self.threshold, backend=self.backend)
+            if plan.r > 0:
+                if self.trace_source:
+                    self.source = plan.merge_source(self.source)
+                x, self.size = plan.merge(x, self.size)
+        else:  # set the prefix aside, match and merge the rest, put the prefix back in front
+            plan = match(metric[..., p:, :], r, mode=self.mode, threshold=self.threshold, backend=self.backend)
+            if plan.r > 0:
+                n = x.shape[-2]
+                if self.trace_source:
+                    src = self.source
+                    if src is None:
+                        src = torch.eye(n, device=x.device).expand(x.shape[:-2] + (n, n))
+                    self.source = torch.cat((src[..., :p, :], plan.merge_source(src[..., p:, :])), dim=-2)
+                size = self.size
+                if size is None:
+                    size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+                rest, rest_size = plan.merge(x[..., p:, :], size[..., p:, :])
+                x = torch.cat((x[..., :p, :], rest), dim=-2)
+                self.size = torch.cat((size[..., :p, :], rest_size.to(size.dtype)), dim=-2)
         if self.timing:
             self.merge_seconds += time.perf_counter() - t0
         return x
@@ -157,44 +203,70 @@ class MergeState:
         return self.size if self.prop_attn else None
 
 
-def _checkpointing(model) -> bool:
-    """Whether activation checkpointing is on (transformers' or timm's flag)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing", "grad_checkpointing"):
-        if hasattr(type(model), name) or name in vars(model):
-            return bool(getattr(model, name))
-    return False
-
-
-def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str):
+def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backend: str,
+           probs: bool = False, mask: Optional[torch.Tensor] = None):
     """Attention of q over k, v [B, H, N, d] with a log(size) bias per key (ALGORITHM.md 2).
 
     size None is the library's own plain attention (scaled_dot_product_attention), so an
-    unmerged model computes exactly what it computed before the patch. Attention dropout
-    while training needs the probabilities, so it is done step by step.
+    unmerged model computes exactly what it computed before the patch. probs=True (the
+    eager attention of a Hugging Face config) computes it step by step and returns
+    (context, probabilities), the probabilities with the size bias and dropout applied, as
+    the unpatched eager attention returns them. Attention dropout while training also needs
+    the probabilities. mask: an additive attention mask (only without merging).
     """
-    if training and dropout_p > 0:
+    if probs or (training and dropout_p > 0):
         logits = (q @ k.transpose(-2, -1)) * scale
         if size is not None:
             logits = logits + size.float().log()[:, None, None, :, 0].to(logits.dtype)
-        probs = F.dropout(logits.softmax(dim=-1), dropout_p, training=True)
-        return probs @ v
-    if size is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if mask is not None:
+            logits = logits + mask
+        p = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        p = F.dropout(p, dropout_p, training=True) if training and dropout_p > 0 else p
+        return (p @ v, p) if probs else p @ v
+    if size is None or mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return prop_attention(q, k, v, size, scale=scale, backend=backend)
+
+
+def eager(module: torch.nn.Module) -> bool:
+    """Whether a Hugging Face attention module's config asks for eager attention (the one
+    implementation that returns its probabilities; sdpa, flash, ... return None)."""
+    return getattr(getattr(module, "config", None), "_attn_implementation", None) == "eager"
 
 
 # -- class swapping ---------------------------------------------------------------------------
 _SUBCLASSES: Dict[Tuple[type, Callable], type] = {}
 
 
-def patched_class(cls: type, forward: Callable) -> type:
-    """A subclass of cls whose forward is ``forward`` (made once per class)."""
+_ENTERED: Dict[Callable, Callable] = {}
+
+
+def block_forward(forward: Callable) -> Callable:
+    """A block's patched forward wrapped in MergeState.enter / leave (made once per forward):
+    counts the tokens entering, and makes a checkpoint recompute replay the first call."""
+    if forward not in _ENTERED:
+        @functools.wraps(forward)
+        def entered(self, *args, **kwargs):
+            st = self._vt_state
+            x = args[0] if args else next(iter(kwargs.values()))
+            saved = st.enter(self._vt_index, x.shape[1])
+            try:
+                return forward(self, *args, **kwargs)
+            finally:
+                st.leave(saved)
+
+        _ENTERED[forward] = entered
+    return _ENTERED[forward]
+
+
+def patched_class(cls: type, forward: Callable, name: str = "forward") -> type:
+    """A subclass of cls whose method ``name`` (forward) is ``forward`` (made once per class)."""
     if getattr(cls, "_vt_patched", False):
         return cls
     key = (cls, forward)
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"VT{cls.__name__}", (cls,), {
-            "forward": forward, "_vt_patched": True, "_vt_base": cls, "__module__": cls.__module__,
+            name: forward, "_vt_patched": True, "_vt_base": cls, "__module__": cls.__module__,
         })
     return _SUBCLASSES[key]
 
@@ -211,9 +283,14 @@ def find_state(blocks: Sequence[torch.nn.Module]) -> Optional[MergeState]:
 def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: Callable,
             embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
             extra_hooks: Callable[[MergeState], None] = lambda s: None,
-            embed_forward: Optional[Callable] = None, select=None, select_groups="auto") -> torch.nn.Module:
+            embed_forward: Optional[Callable] = None, select=None, select_groups="auto",
+            attention: Sequence[Tuple[torch.nn.Module, Callable]] = ()) -> torch.nn.Module:
     """Patch blocks (class swap) and embed (state reset hook; class swap when the family
-    supports select) once; (re)set options and r."""
+    supports select) once; (re)set options and r.
+
+    attention: (module, forward) pairs of attention modules to class-swap as well, the
+    modules a Hugging Face model hooks to record ``output_attentions``: a block calls them
+    as modules, so those hooks see the attention the patch computes."""
     if len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to patch")
     state = find_state(blocks)
@@ -234,11 +311,14 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
     if fresh:
         for i, block in enumerate(blocks):
             block._vt_state, block._vt_index = state, i
-            block.__class__ = patched_class(type(block), forward)
+            block.__class__ = patched_class(type(block), block_forward(forward))
         embed.register_forward_pre_hook(BeginHook(state), with_kwargs=True)
         if embed_forward is not None:
             embed._vt_state = state
             embed.__class__ = patched_class(type(embed), embed_forward)
+        for module, fwd in attention:
+            module._vt_state = state
+            module.__class__ = patched_class(type(module), fwd)
     extra_hooks(state)
     state.owner = model
     model._vt = state

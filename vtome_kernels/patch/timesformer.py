@@ -8,6 +8,8 @@ class token joins each frame, then is averaged back), and then the merge: the cl
 set aside, each frame matched and merged on its own with r per frame (metric: the spatial
 attention's keys), so every frame keeps the same count and temporal attention still sees
 T tokens per slot. Proportional attention (on by default) biases both attentions.
+``output_attentions=True`` returns every layer's spatial attention probabilities (over the
+merged tokens, with the size bias), as the unpatched layer returns its own.
 """
 
 from __future__ import annotations
@@ -17,20 +19,21 @@ import torch
 from .common import CostModel, MergeState, attend, grid_from, heads_join, heads_split, install
 
 
-def _attention(module, x, size, st):
-    """TimeSformer's attention (qkv + output dense) of x [G, N, C]; also returns the keys."""
+def _attention(module, x, size, st, probs: bool = False):
+    """TimeSformer's attention (qkv + output dense) of x [G, N, C]; also returns the keys and
+    (probs=True) the attention probabilities, else None."""
     sa = module.attention
     g, n, c = x.shape
     qkv = sa.qkv(x).reshape(g, n, 3, sa.num_heads, c // sa.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    ctx = attend(q, k, v, size, sa.scale, sa.attn_drop.p, sa.training, st.backend)
-    return module.output(heads_join(ctx)), k
+    out = attend(q, k, v, size, sa.scale, sa.attn_drop.p, sa.training, st.backend, probs=probs)
+    ctx, p = out if probs else (out, None)
+    return module.output(heads_join(ctx)), k, p
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
     st = self._vt_state
     x = hidden_states
-    st.tokens.append(x.shape[1])
     t = self.config.num_frames
     b, length, c = x.shape
     n = (length - 1) // t
@@ -40,7 +43,7 @@ def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = 
     # Temporal attention over the frames of every token slot.
     temporal = tok.reshape(b * n, t, c)
     t_size = None if size is None else size.permute(0, 2, 1, 3).reshape(b * n, t, 1)
-    res, _ = _attention(self.temporal_attention, self.temporal_layernorm(temporal), t_size, st)
+    res, _, _ = _attention(self.temporal_attention, self.temporal_layernorm(temporal), t_size, st)
     res = self.temporal_dense(self.drop_path(res).reshape(b, n * t, c))
     tok = tok + res
 
@@ -50,7 +53,7 @@ def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = 
     s_size = None
     if size is not None:
         s_size = torch.cat((size.new_ones(b * t, 1, 1), size.reshape(b * t, n, 1)), dim=1)
-    res, k = _attention(self.attention, self.layernorm_before(spatial), s_size, st)
+    res, k, probs = _attention(self.attention, self.layernorm_before(spatial), s_size, st, output_attentions)
     res = self.drop_path(res)
     cls_res = res[:, 0].reshape(b, t, c).mean(1, keepdim=True)
     res = res[:, 1:].reshape(b, t, n, c).transpose(1, 2).reshape(b, n * t, c)
@@ -65,7 +68,7 @@ def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = 
 
     x = torch.cat((cls, tok), dim=1)
     out = x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
-    return (out, None) if output_attentions else (out,)
+    return (out, probs) if output_attentions else (out,)
 
 
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,

@@ -1,22 +1,26 @@
 """Patch for timm's VisionTransformer (and DeiT's distilled variant): ToMe in every Block.
 
 Block: x + Attn(LN(x)) (the keys give the metric) -> merge r -> x + MLP(LN(x)).
-The class token (and DeiT's distillation token) are protected; proportional attention is
-on by default, as ToMe uses it for supervised ViTs.
+Every prefix token (``model.num_prefix_tokens``: the class token, DeiT's distillation
+token, register tokens, in timm's order cls, then registers) is protected: it never merges
+and keeps size 1, also without a class token. Proportional attention is on by default, as
+ToMe uses it for supervised ViTs. The model's own class is swapped too, so that
+``forward_intermediates`` refuses an NCHW reshape of merged tokens.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from .common import CostModel, MergeState, attend, grid_from, install
+from .common import CostModel, MergeState, attend, grid_from, install, patched_class
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
     st = self._vt_state
     if (attn_mask is not None or is_causal) and any(st.r_list):
         raise ValueError("a patched timm ViT merges tokens, so attn_mask / is_causal cannot be used with r > 0")
-    st.tokens.append(x.shape[1])
     a = self.attn
     y = self.norm1(x)
     b, n, _ = y.shape
@@ -41,6 +45,22 @@ def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = Fals
     return x
 
 
+def _forward_intermediates(self, *args, **kwargs):
+    """VisionTransformer.forward_intermediates, refusing output_fmt="NCHW" while merging:
+    merged tokens have no H x W layout, and timm's reshape would silently mix channels."""
+    base = self._vt_base.forward_intermediates
+    fmt = inspect.signature(base).bind(self, *args, **kwargs).arguments.get("output_fmt", "NCHW")
+    if fmt == "NCHW" and any(self._vt.schedule(self.r)):
+        raise ValueError("a patched timm ViT that merges tokens (r > 0) has no H x W token grid: use "
+                         "output_fmt='NLC' (get_intermediate_layers(reshape=False)) or set model.r = 0")
+    return base(self, *args, **kwargs)
+
+
+def _swap_model_class(model, state) -> None:
+    model._vt_state = state
+    model.__class__ = patched_class(type(model), _forward_intermediates, "forward_intermediates")
+
+
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
                 metric: str = "mean", trace_source: bool = False, layer=None,
                 backend: str = "auto"):
@@ -62,12 +82,11 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
         if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
             raise TypeError(f"block {i} is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__}; "
                             "the timm patch supports Block with the standard Attention")
-    if getattr(model, "reg_token", None) is not None:
-        raise ValueError("timm ViTs with register tokens are not supported (only class and distillation tokens are protected)")
     cls = getattr(model, "cls_token", None) is not None
     dist = getattr(model, "dist_token", None) is not None
     if dist and not cls:
         raise ValueError("a distillation token without a class token is not supported")
+    prefix = model.num_prefix_tokens  # class, distillation and register tokens, in front
     pe = model.patch_embed
     ph, pw = pe.patch_size
     first = blocks[0]
@@ -76,8 +95,8 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     def make_state():
         return MergeState("timm", len(blocks), "st", cls, dist,
-                          lambda shape: grid_from(shape, "BCHW", 1, ph, pw, "timm ViT"), cost)
+                          lambda shape: grid_from(shape, "BCHW", 1, ph, pw, "timm ViT"), cost, prefix)
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _block_forward, pe, make_state, r, options)
+    return install(model, blocks, _block_forward, pe, make_state, r, options, extra_hooks=lambda st: _swap_model_class(model, st))

@@ -4,26 +4,38 @@ Spatio-temporal scheme: one matching over all tubelet tokens of a clip (no class
 Proportional attention is off by default and the final average pooling is plain, as the
 video paper runs off-the-shelf VideoMAE checkpoints; ``weighted_pool=True`` makes the
 pooling size-weighted (sum of x * size over the sum of sizes), as ToMe's MAE variant does.
+The layer calls its VideoMAESelfAttention (class-swapped as well) as a module, so
+``output_attentions=True`` records it: with eager attention, the probabilities used.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import CostModel, MergeState, StateHook, attend, has_hook, select_tokens, grid_from, heads_join, heads_split, install
+from .common import (CostModel, MergeState, StateHook, attend, eager, has_hook, select_tokens, grid_from,
+                     heads_join, heads_split, install)
+
+
+def _attention_forward(self, hidden_states: torch.Tensor, **kwargs):
+    """VideoMAESelfAttention, patched: (context, probabilities or None) as the library's,
+    with the size bias; the keys are left in ``_vt_keys`` for the block's merge metric."""
+    st = self._vt_state
+    q, k, v = (heads_split(p(hidden_states), self.num_attention_heads) for p in (self.query, self.key, self.value))
+    out = attend(q, k, v, st.attn_size(), self.scaling, self.dropout_prob, self.training, st.backend,
+                 probs=eager(self))
+    ctx, probs = out if isinstance(out, tuple) else (out, None)
+    self._vt_keys = k
+    return heads_join(ctx), probs
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     st = self._vt_state
     x = hidden_states
-    st.tokens.append(x.shape[1])
     sa = self.attention.attention
     y = self.layernorm_before(x)
-    q = heads_split(sa.query(y), sa.num_attention_heads)
-    k = heads_split(sa.key(y), sa.num_attention_heads)
-    v = heads_split(sa.value(y), sa.num_attention_heads)
-    ctx = attend(q, k, v, st.attn_size(), sa.scaling, sa.dropout_prob, sa.training, st.backend)
-    x = self.attention.output(heads_join(ctx), y) + x
+    ctx, _ = sa(y)  # called as a module: output_attentions records its probabilities
+    k = sa.__dict__.pop("_vt_keys")
+    x = self.attention.output(ctx, y) + x
     x = st.merge(self._vt_index, x, st.key_metric(k))
     out = self.output(self.intermediate(self.layernorm_after(x)), x)
     if st.weighted_pool and self._vt_index == st.depth - 1:
@@ -107,6 +119,7 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
     install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra,
-            embed_forward=_embed_forward, select=select, select_groups=select_groups)
+            embed_forward=_embed_forward, select=select, select_groups=select_groups,
+            attention=[(b.attention.attention, _attention_forward) for b in blocks])
     model._vt.weighted_pool = weighted_pool
     return model

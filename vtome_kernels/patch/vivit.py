@@ -3,14 +3,28 @@
 Spatio-temporal scheme: one matching over the class token and all tubelet tokens of a
 clip, the class token protected (never merged, kept at index 0). Proportional attention
 is on by default, as in the video paper.
+The layer calls its VivitAttention (class-swapped as well) as a module, so
+``output_attentions=True`` records it: with eager attention, the probabilities used.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import (CostModel, MergeState, attend, grid_from, heads_join, heads_split, install,
+from .common import (CostModel, MergeState, attend, eager, grid_from, heads_join, heads_split, install,
                      select_tokens)
+
+
+def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+    """VivitAttention, patched: (output, probabilities or None) as the library's, with the
+    size bias; the keys are left in ``_vt_keys`` for the block's merge metric."""
+    st = self._vt_state
+    q, k, v = (heads_split(p(hidden_states), self.num_attention_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+    out = attend(q, k, v, st.attn_size(), self.scaling, self.attention_dropout, self.training, st.backend,
+                 probs=eager(self), mask=attention_mask)
+    ctx, probs = out if isinstance(out, tuple) else (out, None)
+    self._vt_keys = k
+    return self.o_proj(heads_join(ctx)), probs
 
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -18,17 +32,10 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwa
     if attention_mask is not None and any(st.r_list):
         raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
     x = hidden_states
-    st.tokens.append(x.shape[1])
     a = self.attention
-    y = self.layernorm_before(x)
-    q, k, v = (heads_split(p(y), a.num_attention_heads) for p in (a.q_proj, a.k_proj, a.v_proj))
-    if attention_mask is not None:  # r == 0 everywhere: the library's masked attention
-        ctx = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, scale=a.scaling,
-            dropout_p=a.attention_dropout if a.training else 0.0)
-    else:
-        ctx = attend(q, k, v, st.attn_size(), a.scaling, a.attention_dropout, a.training, st.backend)
-    x = self.dropout(a.o_proj(heads_join(ctx))) + x
+    out, _ = a(self.layernorm_before(x), attention_mask)  # as a module: output_attentions records it
+    k = a.__dict__.pop("_vt_keys")
+    x = self.dropout(out) + x
     x = st.merge(self._vt_index, x, st.key_metric(k))
     return self.dropout(self.mlp(self.layernorm_after(x))) + x
 
@@ -94,4 +101,5 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
     return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options,
-                   embed_forward=_embed_forward, select=select, select_groups=select_groups)
+                   embed_forward=_embed_forward, select=select, select_groups=select_groups,
+                   attention=[(b.attention, _attention_forward) for b in blocks])
