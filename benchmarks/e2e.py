@@ -289,12 +289,13 @@ def run(rounds: int = 5, sweep_rounds: int = 3, only: str = "", tiny: bool = Fal
     """The end-to-end table (and, at batch 1, the VideoMAE plot); returns the markdown block."""
     cases = [c for c in CASES if name_matches(only, c.name)]
     rows = model_rows(cases, rounds, tiny, batch, clock)
+    swept = batch == 1 and (plot_path is not None or write)
     header = (f"Machine: {machine()}. {datetime.date.today()}, float32, batch {batch}, random weights, "
               f"{'process CPU time' if clock == 'cpu' else 'wall time'}, "
-              f"{rounds} interleaved rounds (sweep {sweep_rounds}), medians. Merge backend on CPU: "
+              f"{rounds} interleaved rounds{f' (sweep {sweep_rounds})' if swept else ''}, medians. Merge backend on CPU: "
               f"{_auto_backends()}. Command: `{command}`.")
     block = header + "\n\n" + table(rows, batch)
-    if batch == 1 and (plot_path is not None or write):
+    if swept:
         points = sweep(sweep_rounds, tiny)
         path = plot_path or PLOT
         plot(points, path, f"VideoMAE-B 16x224, batch 1, CPU ({datetime.date.today()})")

@@ -54,3 +54,12 @@ def test_name_filter_matches_word_starts():
                                                                  "TimeSformer DST b4"]
     assert all(name_matches("", n) for n in names) and not any(name_matches("nothing", n) for n in names)
     assert name_matches("ViT-B/16", "timm ViT-B/16 224") and not name_matches("ViT-B", "ViViT-B 32x224")
+
+
+def test_linear_rows_table():
+    from benchmarks import linear_rows
+
+    rows = linear_rows.rates(rows=(3, 5), rounds=1)
+    assert [(r[0].split()[0], r[1]) for r in rows] == [(n, m) for n, _, _ in linear_rows.LAYERS for m in (3, 5)]
+    assert all(ms > 0 and gf > 0 for _, _, ms, gf in rows)
+    assert linear_rows.table(rows).count("\n") == len(rows) + 1
