@@ -207,3 +207,30 @@ def test_backends_listing_and_forced_backend():
     x, _, _ = _inputs()
     y, _ = vt.merge(x, None, 2, backend="reference")
     assert y.shape == (2, 8, 4)
+
+
+def test_import_is_light():
+    """import vtome_kernels loads neither torch._dynamo nor Triton (seconds of import time)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vtome_kernels; "
+            "print(sorted(m for m in ('torch._dynamo', 'triton', 'timm', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_public_api_compiles_fullgraph():
+    """torch.compile traces vt.merge and vt.prop_attention without graph breaks: the
+    backend choice is a constant for dynamo (backends._choose)."""
+    g = torch.Generator().manual_seed(3)
+    x, metric = torch.randn(2, 33, 16, generator=g), torch.randn(2, 33, 8, generator=g)
+    q = torch.randn(2, 2, 23, 8, generator=g)
+
+    def block(x, metric, q):
+        y, size = vt.merge(x, None, 10, metric=metric, class_token=True)
+        return y, vt.prop_attention(q, q, q, size)
+
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(x, metric, q), block(x, metric, q)):
+        torch.testing.assert_close(got, want)

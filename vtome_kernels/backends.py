@@ -58,12 +58,19 @@ def resolve(backend: str, op: str, device: torch.device) -> ModuleType:
 _RESOLVED: Dict[str, ModuleType] = {}  # module name -> module, filled by _choose
 
 
-@torch.compiler.assume_constant_result  # torch.compile makes the choice once, while tracing
 def _choose(backend: str, op: str, device: torch.device) -> str:
     """The name of the module ``_resolve`` picks (a constant dynamo can trace through)."""
     module = _resolve(backend, op, device)
     _RESOLVED[module.__name__] = module
     return module.__name__
+
+
+# torch.compile makes the choice once, while tracing. This is what
+# torch.compiler.assume_constant_result does (torch/_dynamo/decorators.py); calling it would
+# import torch._dynamo, and with it Triton, at ``import vtome_kernels`` (2-3 s here).
+# tests/test_api.py compiles vt.merge with fullgraph=True, so a torch that renames the
+# mark fails there.
+_choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _resolve(backend: str, op: str, device: torch.device) -> ModuleType:
