@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.kernel_report`` compiles every kernel of ``vtome_kernels.triton`` for
 sm_80 (A100) and sm_90 (H100) with ``triton.compile`` and a ``GPUTarget``, at the
-constexprs the paper shapes (benchmarks/shapes.py) run with, and prints per kernel:
+constexprs the paper shapes (benchmarks/shapes.py, and benchmarks/select.py's layouts for
+the selection kernels) run with, and prints per kernel:
 registers per thread, spill stores/loads and shared memory (from ``ptxas -v`` on the
 kernel's PTX, with Triton's own ptxas flags), whether tensor-core instructions are used
 (``mma`` on sm_80, ``wgmma`` / ``mma`` on sm_90, read from the PTX) and the number of fused
@@ -35,12 +36,15 @@ ATTN_HEAD_DIMS = (32, 64, 128)  # ViT-B, VideoMAE-B, ViViT-B, TimeSformer use 64
 @dataclasses.dataclass(frozen=True)
 class Variant:
     kernel: str  # attribute name in its module
-    module: str  # match, merge or attention
+    module: str  # match, merge, attention or select
     label: str  # what it is used for
     signature: Tuple[Tuple[str, str], ...]
     constexprs: Tuple[Tuple[str, object], ...]
     fp_fusion: bool = True
     num_warps: int = 4
+    # Arguments Triton would see as multiples of 16 at the benchmark shapes (it specialises
+    # a launch on that: pointers from the allocator, C = 384 / 768); empty: no hints.
+    aligned: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -74,7 +78,7 @@ def variants() -> List[Variant]:
 
     def add(v: Variant):
         """Keep one variant per distinct compilation; list every shape that uses it."""
-        key = (v.kernel, v.signature, v.constexprs, v.num_warps, v.fp_fusion)
+        key = (v.kernel, v.signature, v.constexprs, v.num_warps, v.fp_fusion, v.aligned)
         if key in out:
             use, shapes = out[key].label.split(", ", 1)
             new = v.label.split(", ", 1)[1]
@@ -139,6 +143,8 @@ def variants() -> List[Variant]:
                     (("HAS_MERGED", False), ("UNION", False), ("SUM", True), ("ACC", tl.float32),
                      ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
 
+    _select_variants(add)
+
     strides = ("sqb sqh sqn sqd skb skh skn skd svb svh svn svd ssb ssn")
     for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for d in ATTN_HEAD_DIMS:
@@ -161,6 +167,34 @@ def variants() -> List[Variant]:
                         _sig(f"q_ptr k_ptr v_ptr s_ptr do_ptr lse_ptr delta_ptr dq_ptr {strides} "
                              "H NQ NK D scale scale_ptr", bwd), meta, num_warps=warps))
     return list(out.values())
+
+
+def _select_variants(add) -> None:
+    """FluxViT selection (vtome_kernels/triton/select.py) at the layouts of
+    benchmarks/select.py: the score kernel per input dtype (exact: no fused multiply-add),
+    the top-K + gather kernel per group size (BLOCK_N: the group's patches, rounded up to
+    a power of two; rows copied as int64 words, as float32 and bfloat16 rows of C=384 or
+    768 are). The score kernel gets the alignment hints Triton gives it at these shapes:
+    its 8-channel vector loads depend on C % 8 == 0."""
+    import triton
+
+    from benchmarks.select import LAYOUTS
+    from vtome_kernels.select import resolve_groups
+
+    sel = _module("select")
+    for tname in ("fp32", "bf16"):
+        add(Variant("_score_kernel", "select", f"select scores, {tname}",
+                    _sig("x_ptr score_ptr T L C F", {"x_ptr": "*" + tname, "score_ptr": "*fp32"}),
+                    (("BLOCK_L", sel._BLOCK_L),), fp_fusion=False, num_warps=sel._SCORE_WARPS,
+                    aligned=("x_ptr", "score_ptr", "C")))
+    for t, l in LAYOUTS:
+        groups = resolve_groups("auto", t)
+        ng = (t // groups) * l
+        add(Variant("_topk_gather_kernel", "select", f"select top-K + gather, T={t} L={l} ({groups} groups)",
+                    _sig("score_ptr x_ptr kept_ptr index_ptr G NG W K",
+                         {"score_ptr": "*fp32", "x_ptr": "*i64", "kept_ptr": "*i64", "index_ptr": "*i64"}),
+                    (("BLOCK_N", triton.next_power_of_2(ng)), ("BLOCK_R", sel._BLOCK_R),
+                     ("BLOCK_W", sel._BLOCK_W), ("NAN_KEY", sel._NAN_KEY)), num_warps=sel._GATHER_WARPS))
 
 
 def _ptxas() -> str:
@@ -194,7 +228,8 @@ def compile_variant(v: Variant, capability: int) -> Row:
     sig = dict(v.signature)
     consts = dict(v.constexprs)
     sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn, sig, constexprs=consts)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": v.num_warps, "enable_fp_fusion": v.fp_fusion})
     ptx = compiled.asm["ptx"]

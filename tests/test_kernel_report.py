@@ -21,15 +21,16 @@ def test_kernels_compile_without_spills():
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| _")]
     kernels = {(r[0].strip("| "), r[2]) for r in rows}
     for name in ("_match_kernel", "_rank_kernel", "_merge_kernel", "_scatter_back_kernel",
-                 "_attn_fwd_kernel", "_attn_bwd_kv_kernel", "_attn_bwd_q_kernel"):
+                 "_attn_fwd_kernel", "_attn_bwd_kv_kernel", "_attn_bwd_q_kernel",
+                 "_score_kernel", "_topk_gather_kernel"):
         for target in ("sm_80", "sm_90"):
             assert (name, target) in kernels, f"{name} {target} missing:\n{proc.stdout}"
     for r in rows:
         regs, spills, smem = int(r[3]), r[4], re.match(r"(\d+) B \(limit (\d+)\)", r[5])
         assert spills == "0/0", f"register spills: {' | '.join(r)}"
         assert regs <= 255 and int(smem.group(1)) <= int(smem.group(2)), " | ".join(r)
-        if r[0].strip("| ") == "_match_kernel" and "option" not in r[1]:
-            assert r[7].strip(" |") == "0"  # the exact path has no fused multiply-add
+        if r[0].strip("| ") in ("_match_kernel", "_score_kernel") and "option" not in r[1]:
+            assert r[7].strip(" |") == "0"  # the exact paths have no fused multiply-add
         if (r[0].strip("| ").startswith("_attn") and "bf16" in r[1]) or "tf32 option" in r[1]:
             assert r[6] != "no"  # tensor cores for bfloat16 attention
     assert proc.returncode == 0
