@@ -371,3 +371,15 @@ def test_hidden_states_follow_the_merged_tokens(family):
     for a, b in zip(same, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert [h.shape[1] for h in merged] == vt.patch.token_counts(model, x.shape)
+
+
+def test_torch_compile_of_a_patched_model(family):
+    """torch.compile runs a patched model (graph breaks allowed) with the eager outputs and
+    the schedule's token counts."""
+    model, x, patch, _ = build(family)
+    patch(model, r=2)
+    with torch.no_grad():
+        want = logits(model, x)
+        got = logits(torch.compile(model, backend="eager"), x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert model._vt.tokens == vt.patch.token_counts(model, x.shape)[:-1]
