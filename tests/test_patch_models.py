@@ -383,3 +383,17 @@ def test_torch_compile_of_a_patched_model(family):
         got = logits(torch.compile(model, backend="eager"), x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert model._vt.tokens == vt.patch.token_counts(model, x.shape)[:-1]
+
+
+def test_fused_merge_path_equals_plan_path(family):
+    """Without trace_source a block merges through vt.merge (one fused call on CPU); with it,
+    through vt.match + plan.merge. Same tokens, same sizes, same logits."""
+    model, x, patch, _ = build(family)
+    patch(model, r=2)
+    with torch.no_grad():
+        fast = logits(model, x)
+        fast_size = model._vt.size.clone()
+        patch(model, r=2, trace_source=True)
+        plan = logits(model, x)
+    torch.testing.assert_close(fast, plan, rtol=0, atol=0)
+    torch.testing.assert_close(fast_size, model._vt.size, rtol=0, atol=0)

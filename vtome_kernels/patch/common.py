@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .. import _checks
 from ..attention import prop_attention
 from ..merge import MODES, match
+from ..merge import merge as merge_tokens
 from ..schedule import layer_r
 
 METRICS = ("mean", "concat")
@@ -165,7 +166,14 @@ class MergeState:
             return x
         t0 = time.perf_counter() if self.timing else 0.0
         p = self.prefix
-        if p == int(self.class_token) + int(self.distill_token):  # vt.match protects the prefix
+        if p == int(self.class_token) + int(self.distill_token) and not self.trace_source and self.mode == "merge":
+            # No plan needed afterwards: vt.merge, one fused call where the backend has one
+            # (BENCHMARKS.md, C++ backend item 6: a third of the general path's per-call cost).
+            if (x.shape[-2] - p) // 2 > 0:  # as the plan path: nothing to merge leaves size as it is
+                x, self.size = merge_tokens(x, self.size, r, metric=metric, class_token=self.class_token,
+                                            distill_token=self.distill_token, mode=self.mode,
+                                            threshold=self.threshold, backend=self.backend)
+        elif p == int(self.class_token) + int(self.distill_token):  # vt.match protects the prefix
             plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
                          mode=self.mode, threshold=self.threshold, backend=self.backend)
             if plan.r > 0:
