@@ -288,6 +288,10 @@ def test_no_score_matrix_is_allocated():
 def test_opcheck():
     from torch.library import opcheck
 
+    import vtome_kernels.triton.attention  # noqa: F401  (importing registers the custom ops,
+    import vtome_kernels.triton.match  # noqa: F401   so this test also passes on its own)
+    import vtome_kernels.triton.merge  # noqa: F401
+
     g = torch.Generator().manual_seed(0)
     metric = torch.randn(2, 11, 4, generator=g)
     opcheck(torch.ops.vtome_kernels.triton_match.default, (metric, 4, True, False))

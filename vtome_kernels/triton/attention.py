@@ -21,6 +21,21 @@ from . import interpreting, launch
 
 
 @triton.jit
+def _tile(ptr, rows, stride_row, d, stride_d, mask, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """The [rows, d] tile at ptr (row and column strides), upcast to ACC when asked; 0 outside mask."""
+    t = tl.load(ptr + rows[:, None] * stride_row + d[None, :] * stride_d, mask=mask, other=0.0)
+    if UPCAST:
+        t = t.to(ACC)
+    return t
+
+
+@triton.jit
+def _key_bias(s_ptr, n, ssn, n_ok, ACC: tl.constexpr):
+    """log(size) of keys n, taken in float32 as the reference takes it, then in ACC."""
+    return tl.log(tl.load(s_ptr + n * ssn, mask=n_ok, other=1.0).to(tl.float32)).to(ACC)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, s_ptr, o_ptr, lse_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, ssb, ssn, sob, soh, son,
@@ -37,10 +52,7 @@ def _attn_fwd_kernel(
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < NQ, d < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + m[:, None] * sqn + d[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(ACC)
+    q = _tile(q_ptr + b * sqb + h * sqh, m, sqn, d, sqd, m_ok[:, None] & d_ok[None, :], UPCAST, ACC)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
@@ -48,17 +60,11 @@ def _attn_fwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < NK
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :] * svd,
-                    mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(ACC)
-            v = v.to(ACC)
+        k = _tile(k_ptr + b * skb + h * skh, n, skn, d, skd, kv_mask, UPCAST, ACC)
+        v = _tile(v_ptr + b * svb + h * svh, n, svn, d, svd, kv_mask, UPCAST, ACC)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
         if HAS_SIZE:
-            sz = tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)
-            s += tl.log(sz).to(ACC)[None, :]  # the reference takes log(size) in float32
+            s += _key_bias(s_ptr + b * ssb, n, ssn, n_ok, ACC)[None, :]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -91,28 +97,23 @@ def _attn_bwd_kv_kernel(
     d = tl.arange(0, BLOCK_D)
     n_ok, d_ok = n < NK, d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :] * svd, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(ACC)
-        v = v.to(ACC)
+    k = _tile(k_ptr + b * skb + h * skh, n, skn, d, skd, kv_mask, UPCAST, ACC)
+    v = _tile(v_ptr + b * svb + h * svh, n, svn, d, svd, kv_mask, UPCAST, ACC)
     bias = tl.zeros([BLOCK_N], dtype=ACC)
     if HAS_SIZE:
-        bias = tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)).to(ACC)
+        bias = _key_bias(s_ptr + b * ssb, n, ssn, n_ok, ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     qo = b * sqb + h * sqh  # q and do share the query layout (do is made contiguous like q)
+    rows = bh.to(tl.int64) * NQ  # first row of this (batch, head) in do, lse and delta
     for m0 in range(0, NQ, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < NQ
         q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + qo + m[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
-        do = tl.load(do_ptr + bh.to(tl.int64) * NQ * D + m[:, None] * D + d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(ACC)
-            do = do.to(ACC)
-        lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
-        delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
+        q = _tile(q_ptr + qo, m, sqn, d, sqd, q_mask, UPCAST, ACC)
+        do = _tile(do_ptr + rows * D, m, D, d, 1, q_mask, UPCAST, ACC)
+        lse = tl.load(lse_ptr + rows + m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows + m, mask=m_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale + bias[None, :]
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
@@ -145,34 +146,28 @@ def _attn_bwd_q_kernel(
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < NQ, d < D
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + m[:, None] * sqn + d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + bh.to(tl.int64) * NQ * D + m[:, None] * D + d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(ACC)
-        do = do.to(ACC)
-    lse = tl.load(lse_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * NQ + m, mask=m_ok, other=0.0)
+    rows = bh.to(tl.int64) * NQ  # first row of this (batch, head) in do, lse, delta and dq
+    q = _tile(q_ptr + b * sqb + h * sqh, m, sqn, d, sqd, q_mask, UPCAST, ACC)
+    do = _tile(do_ptr + rows * D, m, D, d, 1, q_mask, UPCAST, ACC)
+    lse = tl.load(lse_ptr + rows + m, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + rows + m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for n0 in range(0, NK, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < NK
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :] * svd, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(ACC)
-            v = v.to(ACC)
+        k = _tile(k_ptr + b * skb + h * skh, n, skn, d, skd, kv_mask, UPCAST, ACC)
+        v = _tile(v_ptr + b * svb + h * svh, n, svn, d, svd, kv_mask, UPCAST, ACC)
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
         if HAS_SIZE:
-            s += tl.log(tl.load(s_ptr + b * ssb + n * ssn, mask=n_ok, other=1.0).to(tl.float32)).to(ACC)[None, :]
+            s += _key_bias(s_ptr + b * ssb, n, ssn, n_ok, ACC)[None, :]
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
     dq = dq * scale
-    tl.store(dq_ptr + bh.to(tl.int64) * NQ * D + m[:, None] * D + d[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptr + (rows + m[:, None]) * D + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
