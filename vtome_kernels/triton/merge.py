@@ -148,51 +148,49 @@ def _block_s(r: int) -> int:
     return 32
 
 
+def _gather(x, s, out, out_s, out_idx, src_idx, dst_pos, src_merged, s_strides, union: bool,
+            total: bool, acc) -> None:
+    """One ``_merge_kernel`` launch: every row of out [G, N', C] from its members' rows of x
+    (size-weighted mean, or their union / sum), sizes into out_s when s is a size."""
+    g, n_out, c = out.shape
+    r = src_idx.shape[1]
+    bc = _block_c(c)
+    merged = src_merged if src_merged is not None else src_idx  # unused without HAS_MERGED
+    launch(_merge_kernel, (g, n_out, triton.cdiv(c, bc)),
+           x, s, out, out_s, out_idx, src_idx, dst_pos, merged, n_out, r, c,
+           *x.stride(), *s_strides, out.stride(0), out.stride(1),
+           HAS_MERGED=src_merged is not None, UNION=union, SUM=total, ACC=acc,
+           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=WARPS)
+
+
 def merge_fwd(x, size, out_idx, src_idx, dst_pos, src_merged):
     """(x_out [G, N', C], size_out [G, N', 1]): one launch, float32 (float64) accumulation."""
-    g, n, c = x.shape
-    n_out, r = out_idx.shape[1], src_idx.shape[1]
+    g, _, c = x.shape
+    n_out = out_idx.shape[1]
     out = torch.empty(g, n_out, c, dtype=x.dtype, device=x.device)
     out_s = torch.empty(g, n_out, 1, dtype=size.dtype, device=x.device)
-    bc = _block_c(c)
-    merged = src_merged if src_merged is not None else src_idx
-    launch(_merge_kernel, (g, n_out, triton.cdiv(c, bc)),
-           x, size, out, out_s, out_idx, src_idx, dst_pos, merged, n_out, r, c,
-           *x.stride(), size.stride(0), size.stride(1), out.stride(0), out.stride(1),
-           HAS_MERGED=src_merged is not None, UNION=False, SUM=False, ACC=_acc(x.dtype),
-           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=WARPS)
+    _gather(x, size, out, out_s, out_idx, src_idx, dst_pos, src_merged, (size.stride(0), size.stride(1)),
+            union=False, total=False, acc=_acc(x.dtype))
     return out, out_s
 
 
 def merge_source_fwd(source, out_idx, src_idx, dst_pos, src_merged):
     """Union (max) of the members' rows of a 0/1 map [G, N, N0]; one launch."""
     work = source.to(torch.uint8) if source.dtype == torch.bool else source
-    g, n, c = work.shape
-    n_out, r = out_idx.shape[1], src_idx.shape[1]
-    out = torch.empty(g, n_out, c, dtype=work.dtype, device=work.device)
-    bc = _block_c(c)
-    merged = src_merged if src_merged is not None else src_idx
+    g, _, c = work.shape
+    out = torch.empty(g, out_idx.shape[1], c, dtype=work.dtype, device=work.device)
     acc = tl.float64 if work.dtype == torch.float64 else tl.float32
-    launch(_merge_kernel, (g, n_out, triton.cdiv(c, bc)),
-           work, work, out, out, out_idx, src_idx, dst_pos, merged, n_out, r, c,
-           *work.stride(), 0, 0, out.stride(0), out.stride(1),
-           HAS_MERGED=src_merged is not None, UNION=True, SUM=False, ACC=acc,
-           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=WARPS)
+    _gather(work, work, out, out, out_idx, src_idx, dst_pos, src_merged, (0, 0), union=True, total=False, acc=acc)
     return out.to(source.dtype)
 
 
 def unmerge_bwd(grad_full, out_idx, src_idx, dst_pos):
     """Gradient of unmerge: each output row sums its base's and its sources' gradients."""
     grad_full = grad_full.contiguous()
-    g, n, c = grad_full.shape
-    n_out, r = out_idx.shape[1], src_idx.shape[1]
-    out = torch.empty(g, n_out, c, dtype=grad_full.dtype, device=grad_full.device)
-    bc = _block_c(c)
-    launch(_merge_kernel, (g, n_out, triton.cdiv(c, bc)),
-           grad_full, grad_full, out, out, out_idx, src_idx, dst_pos, src_idx, n_out, r, c,
-           *grad_full.stride(), 0, 0, out.stride(0), out.stride(1),
-           HAS_MERGED=False, UNION=False, SUM=True, ACC=_acc(grad_full.dtype),
-           BLOCK_S=_block_s(r), BLOCK_C=bc, num_warps=WARPS)
+    g, _, c = grad_full.shape
+    out = torch.empty(g, out_idx.shape[1], c, dtype=grad_full.dtype, device=grad_full.device)
+    _gather(grad_full, grad_full, out, out, out_idx, src_idx, dst_pos, None, (0, 0), union=False, total=True,
+            acc=_acc(grad_full.dtype))
     return out
 
 
