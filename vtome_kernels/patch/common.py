@@ -389,6 +389,17 @@ def state_of(model: torch.nn.Module) -> MergeState:
     return state
 
 
+def split_head(model: torch.nn.Module, head_cls: type, base_cls: type, attr: str):
+    """(head or None, base model) of a Hugging Face video model: a *ForVideoClassification
+    head holds its base model at ``attr``; anything else is a clear TypeError."""
+    if isinstance(model, head_cls):
+        return model, getattr(model, attr)
+    if isinstance(model, base_cls):
+        return None, model
+    raise TypeError(f"model must be a transformers {base_cls.__name__} or {head_cls.__name__}, "
+                    f"got {type(model).__name__}")
+
+
 def grid_from(shape: Tuple[int, ...], names: str, t_step: int, h_step: int, w_step: int,
               what: str) -> Tuple[int, int, int]:
     """Token grid (T', h, w) of an input of shape ``shape`` laid out as ``names``."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import CostModel, MergeState, attend, grid_from, heads_join, heads_split, install
+from .common import (CostModel, MergeState, attend, grid_from, heads_join, heads_split, install,
+                     split_head)
 
 
 def _attention(module, x, size, st, probs: bool = False):
@@ -84,13 +85,7 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     """
     from transformers import TimesformerForVideoClassification, TimesformerModel
 
-    if isinstance(model, TimesformerForVideoClassification):
-        base = model.timesformer
-    elif isinstance(model, TimesformerModel):
-        base = model
-    else:
-        raise TypeError(f"model must be a transformers TimesformerModel or TimesformerForVideoClassification, "
-                        f"got {type(model).__name__}")
+    _, base = split_head(model, TimesformerForVideoClassification, TimesformerModel, "timesformer")
     cfg = base.config
     if select is not None:
         raise ValueError("select is not supported by the TimeSformer patch: its divided space-time attention "

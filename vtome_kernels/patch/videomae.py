@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .common import (CostModel, MergeState, StateHook, attend, eager, has_hook, select_tokens, grid_from,
-                     heads_join, heads_split, install)
+                     heads_join, heads_split, install, split_head)
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, **kwargs):
@@ -86,14 +86,7 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     """
     from transformers import VideoMAEForVideoClassification, VideoMAEModel
 
-    head = None
-    if isinstance(model, VideoMAEForVideoClassification):
-        head, base = model, model.videomae
-    elif isinstance(model, VideoMAEModel):
-        base = model
-    else:
-        raise TypeError(f"model must be a transformers VideoMAEModel or VideoMAEForVideoClassification, "
-                        f"got {type(model).__name__}")
+    head, base = split_head(model, VideoMAEForVideoClassification, VideoMAEModel, "videomae")
     if not isinstance(weighted_pool, bool):
         raise TypeError(f"weighted_pool must be a bool, got {type(weighted_pool).__name__}")
     if weighted_pool and (head is None or head.fc_norm is None):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .common import (CostModel, MergeState, attend, eager, grid_from, heads_join, heads_split, install,
-                     select_tokens)
+                     select_tokens, split_head)
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
@@ -79,13 +79,7 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     """
     from transformers import VivitForVideoClassification, VivitModel
 
-    if isinstance(model, VivitForVideoClassification):
-        base = model.vivit
-    elif isinstance(model, VivitModel):
-        base = model
-    else:
-        raise TypeError(f"model must be a transformers VivitModel or VivitForVideoClassification, "
-                        f"got {type(model).__name__}")
+    _, base = split_head(model, VivitForVideoClassification, VivitModel, "vivit")
     cfg = base.config
     tt, th, tw = cfg.tubelet_size
     cost = CostModel("st", dim=cfg.hidden_size, mlp=cfg.intermediate_size, heads=cfg.num_attention_heads,
