@@ -51,31 +51,26 @@ class Case:
     patch: Callable
 
 
-def _videomae(tiny):
-    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-
-    cfg = VideoMAEConfig(num_labels=400) if not tiny else VideoMAEConfig(
-        image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=5)
-    return VideoMAEForVideoClassification(cfg)
+_TINY = dict(image_size=32, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+             intermediate_size=64, num_labels=5)  # a smoke-test size of every video config
 
 
-def _vivit(tiny):
-    from transformers import VivitConfig, VivitForVideoClassification
+def _hf(family: str, **tiny_extra):
+    """Builder of transformers' <family>ForVideoClassification: the library's default (base)
+    config with 400 labels, or the tiny one."""
+    def build(tiny):
+        import transformers
 
-    cfg = VivitConfig(num_labels=400) if not tiny else VivitConfig(
-        image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, num_labels=5)
-    return VivitForVideoClassification(cfg)
+        config = getattr(transformers, f"{family}Config")
+        model = getattr(transformers, f"{family}ForVideoClassification")
+        return model(config(**_TINY, **tiny_extra) if tiny else config(num_labels=400))
+
+    return build
 
 
-def _timesformer(tiny):
-    from transformers import TimesformerConfig, TimesformerForVideoClassification
-
-    cfg = TimesformerConfig(num_labels=400) if not tiny else TimesformerConfig(
-        image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=5)
-    return TimesformerForVideoClassification(cfg)
+_videomae = _hf("VideoMAE", patch_size=8)
+_vivit = _hf("Vivit", tubelet_size=[2, 8, 8])
+_timesformer = _hf("Timesformer", patch_size=8)
 
 
 def _vit(tiny):
