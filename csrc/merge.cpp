@@ -59,6 +59,25 @@ inline bool merges(const Plan& p, int64_t gi, int64_t j) {
   return p.merged == nullptr || p.merged[gi * p.r + j];
 }
 
+// Output row t of a plan (t = gi * n_out + o): group gi, position o, base token b, and the
+// ranks j of the sources whose dst_pos is o (rank order): `for (int64_t j : row)`.
+struct OutRow {
+  int64_t gi, o, b;
+  const int64_t *first, *last;
+  const int64_t* begin() const { return first; }
+  const int64_t* end() const { return last; }
+  bool receives() const { return first != last; }
+};
+
+inline OutRow out_row(const Plan& p, int64_t t) {
+  const int64_t gi = t / p.n_out, o = t % p.n_out;
+  const Incoming& in = p.in[gi];
+  const int64_t* list = in.list.data();
+  return {gi, o, p.out_idx[t], list + in.start[o], list + in.start[o + 1]};
+}
+
+inline int64_t src_pos(const Plan& p, int64_t gi, int64_t j) { return p.src_idx[gi * p.r + j]; }
+
 // Rows of a [G, N, C] tensor whose last dim is contiguous (other strides free).
 template <typename T>
 struct Rows {
@@ -70,6 +89,36 @@ struct Rows {
 template <typename T>
 Rows<T> rows(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+// The sums of a merged row, shared by merge and its backward: acc = Σ x_k s_k and the
+// returned tot = Σ s_k over the row's members (its base, weight sb, then its merged sources
+// in rank order; sp null: every size is 1), accumulated in acc_t. A row that no source
+// merges into leaves acc untouched and `received` false (the caller copies it bit for bit);
+// every discarded source is passed to discard(src).
+template <typename scalar_t, typename acc_t, typename Discard>
+inline acc_t weighted_sum(const Plan& p, const OutRow& row, const Rows<const scalar_t>& xr,
+                          const acc_t* sp, acc_t sb, int64_t c, acc_t* acc, bool& received,
+                          Discard&& discard) {
+  const scalar_t* xb = xr.row(row.gi, row.b);
+  acc_t tot = sb;
+  received = false;
+  for (const int64_t j : row) {
+    const int64_t src = src_pos(p, row.gi, j);
+    if (!merges(p, row.gi, j)) {
+      discard(src);
+      continue;
+    }
+    const acc_t w = sp ? sp[row.gi * p.n + src] : acc_t(1);
+    const scalar_t* xs = xr.row(row.gi, src);
+    if (!received) {
+      for (int64_t k = 0; k < c; ++k) acc[k] = static_cast<acc_t>(xb[k]) * sb;
+      received = true;
+    }
+    for (int64_t k = 0; k < c; ++k) acc[k] += static_cast<acc_t>(xs[k]) * w;
+    tot += w;
+  }
+  return tot;
 }
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) {
@@ -128,30 +177,14 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu_impl(const at::Tensor& x_in, const 
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(c);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t gi = t / p.n_out, o = t % p.n_out;
-        const Incoming& in = p.in[gi];
-        const int64_t b = p.out_idx[t];
-        const acc_t sb = sp ? sp[gi * n + b] : acc_t(1);
-        const scalar_t* xb = xr.row(gi, b);
-        scalar_t* y = yr.row(gi, o);
-        acc_t tot = sb;
-        bool received = false;
-        for (int64_t q = in.start[o]; q < in.start[o + 1]; ++q) {
-          const int64_t j = in.list[q];
-          if (!merges(p, gi, j)) continue;
-          const int64_t src = p.src_idx[gi * p.r + j];
-          const acc_t w = sp ? sp[gi * n + src] : acc_t(1);
-          const scalar_t* xs = xr.row(gi, src);
-          if (!received) {
-            for (int64_t k = 0; k < c; ++k) acc[k] = static_cast<acc_t>(xb[k]) * sb;
-            received = true;
-          }
-          for (int64_t k = 0; k < c; ++k) acc[k] += static_cast<acc_t>(xs[k]) * w;
-          tot += w;
-        }
+        const OutRow row = out_row(p, t);
+        const acc_t sb = sp ? sp[row.gi * n + row.b] : acc_t(1);
+        scalar_t* y = yr.row(row.gi, row.o);
+        bool received;
+        const acc_t tot = weighted_sum(p, row, xr, sp, sb, c, acc.data(), received, [](int64_t) {});
         osp[t] = tot;
         if (!received) {
-          std::memcpy(y, xb, sizeof(scalar_t) * c);
+          std::memcpy(y, xr.row(row.gi, row.b), sizeof(scalar_t) * c);
         } else {
           for (int64_t k = 0; k < c; ++k) y[k] = static_cast<scalar_t>(acc[k] / tot);
         }
@@ -205,31 +238,16 @@ std::tuple<at::Tensor, at::Tensor> merge_backward_cpu(
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> y(c);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t gi = t / p.n_out, o = t % p.n_out;
-        const Incoming& in = p.in[gi];
-        const int64_t b = p.out_idx[t];
+        const OutRow row = out_row(p, t);
+        const int64_t gi = row.gi, b = row.b;
         const acc_t sb = sp[gi * n + b], gso = gsp ? gsp[t] : acc_t(0);
-        const scalar_t* xb = xr.row(gi, b);
-        const scalar_t* g_o = gr.row(gi, o);
-        acc_t tot = sb;
-        bool received = false;
-        for (int64_t q = in.start[o]; q < in.start[o + 1]; ++q) {
-          const int64_t j = in.list[q];
-          const int64_t src = p.src_idx[gi * p.r + j];
-          if (!merges(p, gi, j)) {  // discarded: no gradient
-            std::memset(dxr.row(gi, src), 0, sizeof(scalar_t) * c);
-            dsp[gi * n + src] = 0;
-            continue;
-          }
-          const acc_t w = sp[gi * n + src];
-          const scalar_t* xs = xr.row(gi, src);
-          if (!received) {
-            for (int64_t k = 0; k < c; ++k) y[k] = static_cast<acc_t>(xb[k]) * sb;
-            received = true;
-          }
-          for (int64_t k = 0; k < c; ++k) y[k] += static_cast<acc_t>(xs[k]) * w;
-          tot += w;
-        }
+        const scalar_t* g_o = gr.row(gi, row.o);
+        bool received;
+        const acc_t tot = weighted_sum(p, row, xr, sp, sb, c, y.data(), received,
+                                       [&](int64_t src) {  // discarded: no gradient
+                                         std::memset(dxr.row(gi, src), 0, sizeof(scalar_t) * c);
+                                         dsp[gi * n + src] = 0;
+                                       });
         if (!received) {
           std::memcpy(dxr.row(gi, b), g_o, sizeof(scalar_t) * c);
           dsp[gi * n + b] = gso;
@@ -249,9 +267,9 @@ std::tuple<at::Tensor, at::Tensor> merge_backward_cpu(
           dsp[gi * n + pos] = dot / tot + gso;
         };
         member(b, sb);
-        for (int64_t q = in.start[o]; q < in.start[o + 1]; ++q) {
-          const int64_t j = in.list[q];
-          if (merges(p, gi, j)) member(p.src_idx[gi * p.r + j], sp[gi * n + p.src_idx[gi * p.r + j]]);
+        for (const int64_t j : row) {
+          const int64_t src = src_pos(p, gi, j);
+          if (merges(p, gi, j)) member(src, sp[gi * n + src]);
         }
       }
     });
@@ -292,14 +310,12 @@ at::Tensor merge_source_cpu(const at::Tensor& src_in, const at::Tensor& out_idx,
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n0, 1));
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t gi = t / p.n_out, o = t % p.n_out;
-        const Incoming& in = p.in[gi];
-        scalar_t* y = yr.row(gi, o);
-        std::memcpy(y, sr.row(gi, p.out_idx[t]), sizeof(scalar_t) * n0);
-        for (int64_t q = in.start[o]; q < in.start[o + 1]; ++q) {
-          const int64_t j = in.list[q];
-          if (merges(p, gi, j)) {
-            const scalar_t* xs = sr.row(gi, p.src_idx[gi * p.r + j]);
+        const OutRow row = out_row(p, t);
+        scalar_t* y = yr.row(row.gi, row.o);
+        std::memcpy(y, sr.row(row.gi, row.b), sizeof(scalar_t) * n0);
+        for (const int64_t j : row) {
+          if (merges(p, row.gi, j)) {
+            const scalar_t* xs = sr.row(row.gi, src_pos(p, row.gi, j));
             for (int64_t k = 0; k < n0; ++k) y[k] = vmax<scalar_t>(y[k], xs[k]);
           } else {
             for (int64_t k = 0; k < n0; ++k) y[k] = vmax<scalar_t>(y[k], scalar_t(0));
@@ -359,17 +375,16 @@ at::Tensor unmerge_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(c);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t gi = t / p.n_out, o = t % p.n_out;
-        const Incoming& in = p.in[gi];
-        const scalar_t* base = fr.row(gi, p.out_idx[t]);
-        scalar_t* y = yr.row(gi, o);
-        if (in.start[o] == in.start[o + 1]) {
+        const OutRow row = out_row(p, t);
+        const scalar_t* base = fr.row(row.gi, row.b);
+        scalar_t* y = yr.row(row.gi, row.o);
+        if (!row.receives()) {
           std::memcpy(y, base, sizeof(scalar_t) * c);
           continue;
         }
         for (int64_t k = 0; k < c; ++k) acc[k] = static_cast<acc_t>(base[k]);
-        for (int64_t q = in.start[o]; q < in.start[o + 1]; ++q) {
-          const scalar_t* xs = fr.row(gi, p.src_idx[gi * p.r + in.list[q]]);
+        for (const int64_t j : row) {
+          const scalar_t* xs = fr.row(row.gi, src_pos(p, row.gi, j));
           for (int64_t k = 0; k < c; ++k) acc[k] += static_cast<acc_t>(xs[k]);
         }
         for (int64_t k = 0; k < c; ++k) y[k] = static_cast<scalar_t>(acc[k]);

@@ -43,46 +43,38 @@ constexpr int64_t kTile = 16;  // patches scored together (independent accumulat
 // same values (each lane adds its squares in channel order); which is fastest depends on
 // the dtype (measured on AVX-512, one thread: 16-bit inputs gain from converting a whole
 // tile first, float32 from the direct loop).
-template <typename scalar_t>
-void score_tile_any(const scalar_t* cur, const scalar_t* prev, int64_t n, int64_t C, float* out) {
+//
+// Through a kTile x kTile block of squares, kTile channels at a time:
+// - kFull = false, any tile (n <= kTile patches, any C): block [channel][patch], lanes
+//   j >= n stay 0 (and are added as zeros);
+// - kFull = true, a full tile of 16-bit values (n = kTile, C % kTile == 0): convert and
+//   square a whole 16 x 16 block [patch][channel], then add by channel.
+template <bool kFull, typename scalar_t>
+void score_tile_block(const scalar_t* cur, const scalar_t* prev, int64_t n, int64_t C,
+                      float* out) {
+  if constexpr (kFull) n = kTile;
   float acc[kTile] = {0.0f};
-  float sq[kTile][kTile] = {{0.0f}};  // [channel][patch]; lanes j >= n stay 0
+  alignas(kFull ? 64 : alignof(float)) float sq[kTile][kTile];  // full: cache-line aligned
+  if constexpr (!kFull) std::fill(&sq[0][0], &sq[0][0] + kTile * kTile, 0.0f);
+  auto at = [&](int64_t j, int64_t c) -> float& {  // the square of patch j, channel c
+    if constexpr (kFull) return sq[j][c];
+    else return sq[c][j];
+  };
   for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-    const int64_t nc = std::min<int64_t>(kTile, C - c0);
+    const int64_t nc = kFull ? kTile : std::min<int64_t>(kTile, C - c0);
     for (int64_t j = 0; j < n; ++j) {
       const scalar_t* a = cur + j * C + c0;
       const scalar_t* p = prev + j * C + c0;
       for (int64_t c = 0; c < nc; ++c) {
         const float d = static_cast<float>(a[c]) - static_cast<float>(p[c]);
-        sq[c][j] = d * d;
+        at(j, c) = d * d;
       }
     }
     for (int64_t c = 0; c < nc; ++c) {
-      for (int64_t j = 0; j < kTile; ++j) acc[j] = acc[j] + sq[c][j];
+      for (int64_t j = 0; j < kTile; ++j) acc[j] = acc[j] + at(j, c);
     }
   }
   for (int64_t j = 0; j < n; ++j) out[j] = acc[j];
-}
-
-// A full tile of 16-bit values: convert and square a 16 x 16 block, then add by channel.
-template <typename scalar_t>
-void score_tile_block(const scalar_t* cur, const scalar_t* prev, int64_t C, float* out) {
-  float acc[kTile] = {0.0f};
-  alignas(64) float sq[kTile][kTile];  // [patch][channel]
-  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-    for (int64_t j = 0; j < kTile; ++j) {
-      const scalar_t* a = cur + j * C + c0;
-      const scalar_t* p = prev + j * C + c0;
-      for (int64_t c = 0; c < kTile; ++c) {
-        const float d = static_cast<float>(a[c]) - static_cast<float>(p[c]);
-        sq[j][c] = d * d;
-      }
-    }
-    for (int64_t c = 0; c < kTile; ++c) {
-      for (int64_t j = 0; j < kTile; ++j) acc[j] = acc[j] + sq[j][c];
-    }
-  }
-  for (int64_t j = 0; j < kTile; ++j) out[j] = acc[j];
 }
 
 // A full tile of 32/64-bit values: channel by channel, all patches at once.
@@ -158,14 +150,14 @@ void score_tile(const scalar_t* cur, const scalar_t* prev, int64_t n, int64_t C,
     if (C % 8 == 0 && has_avx2()) {
       int64_t j = 0;
       for (; j + 8 <= n; j += 8) score_tile8_avx2(cur + j * C, prev + j * C, C, out + j);
-      if (j < n) score_tile_any(cur + j * C, prev + j * C, n - j, C, out + j);
+      if (j < n) score_tile_block<false>(cur + j * C, prev + j * C, n - j, C, out + j);
       return;
     }
   }
 #endif
   if (n == kTile && sizeof(scalar_t) >= 4) return score_tile_direct(cur, prev, C, out);
-  if (n == kTile && C % kTile == 0) return score_tile_block(cur, prev, C, out);
-  score_tile_any(cur, prev, n, C, out);
+  if (n == kTile && C % kTile == 0) return score_tile_block<true>(cur, prev, n, C, out);
+  score_tile_block<false>(cur, prev, n, C, out);
 }
 
 template <typename scalar_t>
