@@ -166,38 +166,42 @@ class MergeState:
             return x
         t0 = time.perf_counter() if self.timing else 0.0
         p = self.prefix
-        if p == int(self.class_token) + int(self.distill_token) and not self.trace_source and self.mode == "merge":
-            # No plan needed afterwards: vt.merge, one fused call where the backend has one
-            # (BENCHMARKS.md, C++ backend item 6: a third of the general path's per-call cost).
-            if (x.shape[-2] - p) // 2 > 0:  # as the plan path: nothing to merge leaves size as it is
-                x, self.size = merge_tokens(x, self.size, r, metric=metric, class_token=self.class_token,
-                                            distill_token=self.distill_token, mode=self.mode,
-                                            threshold=self.threshold, backend=self.backend)
-        elif p == int(self.class_token) + int(self.distill_token):  # vt.match protects the prefix
+        if p != int(self.class_token) + int(self.distill_token):  # a prefix vt.match cannot protect
+            x = self._merge_after_prefix(x, metric, r, p)
+        elif self.trace_source or self.mode != "merge":  # the plan is needed (source map, modes)
             plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
                          mode=self.mode, threshold=self.threshold, backend=self.backend)
             if plan.r > 0:
                 if self.trace_source:
                     self.source = plan.merge_source(self.source)
                 x, self.size = plan.merge(x, self.size)
-        else:  # set the prefix aside, match and merge the rest, put the prefix back in front
-            plan = match(metric[..., p:, :], r, mode=self.mode, threshold=self.threshold, backend=self.backend)
-            if plan.r > 0:
-                n = x.shape[-2]
-                if self.trace_source:
-                    src = self.source
-                    if src is None:
-                        src = torch.eye(n, device=x.device).expand(x.shape[:-2] + (n, n))
-                    self.source = torch.cat((src[..., :p, :], plan.merge_source(src[..., p:, :])), dim=-2)
-                size = self.size
-                if size is None:
-                    size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
-                rest, rest_size = plan.merge(x[..., p:, :], size[..., p:, :])
-                x = torch.cat((x[..., :p, :], rest), dim=-2)
-                self.size = torch.cat((size[..., :p, :], rest_size.to(size.dtype)), dim=-2)
+        elif (x.shape[-2] - p) // 2 > 0:  # as the plan path: nothing to merge leaves size as it is
+            # vt.merge: one fused call where the backend has one (BENCHMARKS.md, C++ backend
+            # item 6: a third of the general path's per-call cost).
+            x, self.size = merge_tokens(x, self.size, r, metric=metric, class_token=self.class_token,
+                                        distill_token=self.distill_token, backend=self.backend)
         if self.timing:
             self.merge_seconds += time.perf_counter() - t0
         return x
+
+    def _merge_after_prefix(self, x: torch.Tensor, metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
+        """Set the p prefix tokens aside, match and merge the rest, put the prefix back in
+        front (size 1, its own rows of the source map)."""
+        plan = match(metric[..., p:, :], r, mode=self.mode, threshold=self.threshold, backend=self.backend)
+        if plan.r == 0:
+            return x
+        n = x.shape[-2]
+        if self.trace_source:
+            src = self.source
+            if src is None:
+                src = torch.eye(n, device=x.device).expand(x.shape[:-2] + (n, n))
+            self.source = torch.cat((src[..., :p, :], plan.merge_source(src[..., p:, :])), dim=-2)
+        size = self.size
+        if size is None:
+            size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+        rest, rest_size = plan.merge(x[..., p:, :], size[..., p:, :])
+        self.size = torch.cat((size[..., :p, :], rest_size.to(size.dtype)), dim=-2)
+        return torch.cat((x[..., :p, :], rest), dim=-2)
 
     def key_metric(self, k: torch.Tensor) -> torch.Tensor:
         """The matching metric from keys [B, H, N, d]: mean over heads, or heads concatenated."""
