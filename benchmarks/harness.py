@@ -71,6 +71,24 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def runnable_backends(op: str, device: torch.device) -> List[str]:
+    """Names of the vtome_kernels backends available here that run ``op`` on ``device``
+    (the others are left out of a table rather than failing it)."""
+    import vtome_kernels as vt
+    from vtome_kernels.backends import resolve
+
+    names = []
+    for name, status in vt.backends().items():
+        if not status.available:
+            continue
+        try:
+            resolve(name, op, device)
+        except vt.BackendUnavailableError:
+            continue
+        names.append(name)
+    return names
+
+
 def name_matches(keys: str, name: str) -> bool:
     """Whether a comma-separated filter (``--shapes`` / ``--models``) picks name: empty picks
     all; a key matches at the start of a word of the name, so "ViT-B" picks "ViT-B/16 ..."

@@ -17,7 +17,8 @@ from typing import Callable, Dict
 import torch
 
 import vtome_kernels as vt
-from vtome_kernels.backends import resolve
+
+from .harness import runnable_backends
 
 
 def tome_eager(x, size, metric, r: int, class_token: bool):
@@ -61,13 +62,7 @@ def make_providers(shape, device: torch.device, compile_tome: bool = True) -> Di
         compiled = torch.compile(tome_eager, dynamic=False)
         out["tome-compiled"] = lambda x, s, m: compiled(x, s, m, r, cls)
     out["floor"] = floor(shape, device)
-    for name, status in vt.backends().items():
-        if not status.available:
-            continue
-        try:  # a backend that cannot run on this device is left out of the table
-            resolve(name, "merge", device)
-        except vt.BackendUnavailableError:
-            continue
+    for name in runnable_backends("merge", device):
         out[f"vt-{name}"] = (
             lambda x, s, m, name=name: vt.merge(x, s, r, metric=m, class_token=cls, backend=name)
         )

@@ -32,10 +32,9 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 import vtome_kernels as vt
-from vtome_kernels.backends import resolve
 from vtome_kernels.select import auto_groups, kept_count
 
-from .harness import machine, median_ms, progress, time_interleaved, write_block
+from .harness import machine, median_ms, progress, runnable_backends, time_interleaved, write_block
 
 BEGIN, END = "<!-- select-table:begin -->", "<!-- select-table:end -->"
 LAYOUTS = ((16, 144), (8, 196))  # (T, L)
@@ -90,13 +89,7 @@ def make_providers(shape: SelectShape, device: torch.device) -> Dict[str, Callab
     """name -> fn(x) for one shape (``copy`` writes into a buffer it owns)."""
     k = shape.budget
     out: Dict[str, Callable] = {"fluxvit-eager": lambda x: fluxvit_eager(x, k)}
-    for name, status in vt.backends().items():
-        if not status.available:
-            continue
-        try:  # a backend that cannot select on this device is left out of the table
-            resolve(name, "select", device)
-        except vt.BackendUnavailableError:
-            continue
+    for name in runnable_backends("select", device):
         out[f"vt-{name}"] = lambda x, name=name: vt.select(x, k, backend=name)
     buf = {}
 
