@@ -140,9 +140,8 @@ def test_rank_with_gpu_sized_tiles(monkeypatch, class_token, distill_token, r):
 
 
 # -- the shared cases: same plan, same merge ---------------------------------------------
-@pytest.mark.parametrize("case", merge_cases(), ids=str)
-def test_same_merge_as_reference(case):
-    x, size, metric = make(case)
+def _same_plan_and_merge(case, x, size, metric):
+    """The Triton plan equals the reference's, and so do the merged x and sizes; returns both plans."""
     m = x if metric is None else metric
     kw = dict(class_token=case.class_token, distill_token=case.distill_token)
     plan = vt.match(m, case.r, backend="triton", **kw)
@@ -151,6 +150,13 @@ def test_same_merge_as_reference(case):
     atol, rtol = DTYPE_TOL[case.dtype]
     for got, exp in zip(plan.merge(x, size), want.merge(x, size)):
         torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)
+    return plan, want
+
+
+@pytest.mark.parametrize("case", merge_cases(), ids=str)
+def test_same_merge_as_reference(case):
+    x, size, metric = make(case)
+    plan, want = _same_plan_and_merge(case, x, size, metric)
     if case.seed % 4 == 0:  # source maps and unmerge on a quarter of the cases
         assert torch.equal(plan.merge_source(), want.merge_source())
         y = torch.randn(case.lead + (plan.n_out, 3)).to(case.dtype)
@@ -166,14 +172,7 @@ def test_sweep_same_merge_as_reference(case):
         oracle_results(case, x, size, metric)
     except Ambiguous:
         assume(False)
-    m = x if metric is None else metric
-    kw = dict(class_token=case.class_token, distill_token=case.distill_token)
-    plan = vt.match(m, case.r, backend="triton", **kw)
-    want = vt.match(m, case.r, backend="reference", **kw)
-    assert_same_plan(plan, want)
-    atol, rtol = DTYPE_TOL[case.dtype]
-    for got, exp in zip(plan.merge(x, size), want.merge(x, size)):
-        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)
+    _same_plan_and_merge(case, x, size, metric)
 
 
 def test_identical_tokens_break_ties_by_position():
