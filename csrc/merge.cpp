@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 
@@ -86,10 +87,13 @@ struct Rows {
   T* row(int64_t gi, int64_t i) const { return base + gi * s0 + i * s1; }
 };
 
-template <typename T>
+template <typename T>  // T or const T
 Rows<T> rows(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+  return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1)};
 }
+
+// Rows per parallel task: about 16k values of width-wide rows, at least one row.
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
 // The sums of a merged row, shared by merge and its backward: acc = Σ x_k s_k and the
 // returned tot = Σ s_k over the row's members (its base, weight sb, then its merged sources
@@ -169,11 +173,11 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu_impl(const at::Tensor& x_in, const 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "vtome_merge", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const Rows<const scalar_t> xr{x.data_ptr<scalar_t>(), x.stride(0), x.stride(1)};
+    const Rows<const scalar_t> xr = rows<const scalar_t>(x);
     const Rows<scalar_t> yr = rows<scalar_t>(out);
     const acc_t* sp = s.defined() ? s.data_ptr<acc_t>() : nullptr;
     acc_t* osp = out_s.data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+    const int64_t grain = row_grain(c);
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(c);
       for (int64_t t = t0; t < t1; ++t) {
@@ -228,13 +232,13 @@ std::tuple<at::Tensor, at::Tensor> merge_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "vtome_merge_bwd", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const Rows<const scalar_t> xr{x.data_ptr<scalar_t>(), x.stride(0), x.stride(1)};
-    const Rows<const scalar_t> gr{gy.data_ptr<scalar_t>(), gy.stride(0), gy.stride(1)};
+    const Rows<const scalar_t> xr = rows<const scalar_t>(x);
+    const Rows<const scalar_t> gr = rows<const scalar_t>(gy);
     const Rows<scalar_t> dxr = rows<scalar_t>(gx);
     const acc_t* sp = s.data_ptr<acc_t>();
     const acc_t* gsp = gs.defined() ? gs.data_ptr<acc_t>() : nullptr;
     acc_t* dsp = gsz.data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+    const int64_t grain = row_grain(c);
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> y(c);
       for (int64_t t = t0; t < t1; ++t) {
@@ -305,9 +309,9 @@ at::Tensor merge_source_cpu(const at::Tensor& src_in, const at::Tensor& out_idx,
   at::Tensor out = at::empty({g, p.n_out, n0}, source.options());
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, source.scalar_type(),
                                   "vtome_merge_source", [&] {
-    const Rows<const scalar_t> sr{source.data_ptr<scalar_t>(), source.stride(0), source.stride(1)};
+    const Rows<const scalar_t> sr = rows<const scalar_t>(source);
     const Rows<scalar_t> yr = rows<scalar_t>(out);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n0, 1));
+    const int64_t grain = row_grain(n0);
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const OutRow row = out_row(p, t);
@@ -348,9 +352,9 @@ at::Tensor unmerge_cpu(const at::Tensor& y_in, const at::Tensor& out_idx, const 
     TORCH_CHECK(from[t] >= 0, "out_idx and src_idx must cover every position once");
   at::Tensor full = at::empty({g, n, c}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "vtome_unmerge", [&] {
-    const Rows<const scalar_t> yr{y.data_ptr<scalar_t>(), y.stride(0), y.stride(1)};
+    const Rows<const scalar_t> yr = rows<const scalar_t>(y);
     const Rows<scalar_t> fr = rows<scalar_t>(full);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+    const int64_t grain = row_grain(c);
     at::parallel_for(0, g * n, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         std::memcpy(fr.row(t / n, t % n), yr.row(t / n, from[t]), sizeof(scalar_t) * c);
@@ -369,9 +373,9 @@ at::Tensor unmerge_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out
   at::Tensor gy = at::empty({g, p.n_out, c}, gf.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gf.scalar_type(), "vtome_unmerge_bwd", [&] {
     using acc_t = typename Acc<scalar_t>::type;
-    const Rows<const scalar_t> fr{gf.data_ptr<scalar_t>(), gf.stride(0), gf.stride(1)};
+    const Rows<const scalar_t> fr = rows<const scalar_t>(gf);
     const Rows<scalar_t> yr = rows<scalar_t>(gy);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
+    const int64_t grain = row_grain(c);
     at::parallel_for(0, g * p.n_out, grain, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> acc(c);
       for (int64_t t = t0; t < t1; ++t) {
