@@ -29,6 +29,7 @@ from ..merge import merge as merge_tokens
 from ..schedule import layer_r
 
 METRICS = ("mean", "concat")
+POSITIONS = ("dst", "mean")  # how a merged token's rotary (t, h, w) is chosen (MergeState.positions)
 
 
 class CostModel:
@@ -65,8 +66,8 @@ class MergeState:
 
     def __init__(self, family: str, depth: int, scheme: str, class_token: bool,
                  distill_token: bool, grid_of: Callable[[Tuple[int, ...]], Tuple[int, int, int]],
-                 cost: CostModel, prefix: Optional[int] = None):
-        self.family, self.depth, self.scheme = family, depth, scheme
+                 cost: CostModel, prefix: Optional[int] = None, rotary: bool = False):
+        self.family, self.depth, self.scheme, self.rotary = family, depth, scheme, rotary
         self.class_token, self.distill_token = class_token, distill_token
         # Tokens in front that never merge (class, distillation, registers): vt.match itself
         # protects a class token at 0 and a distillation token at 1; a longer prefix is set
@@ -81,6 +82,9 @@ class MergeState:
         self.weighted_pool = False
         self.select: Optional[int] = None  # FluxViT selection budget (video patches)
         self.select_groups = "auto"
+        # Rotary families: how a merged token's position is chosen ("dst": its destination's,
+        # "mean": the size-weighted mean of its patches'); None for the other families.
+        self.position_merge: Optional[str] = None
         # Per forward.
         self.r_list: List[int] = [0] * depth
         self.size: Optional[torch.Tensor] = None
@@ -91,6 +95,9 @@ class MergeState:
         self.merge_seconds = 0.0
         self.last: Optional[torch.Tensor] = None
         self.kept: Optional[torch.Tensor] = None  # [B, K] positions kept by select
+        # Rotary families: every token's (t, h, w) position [B, N, 3] float32, set by the
+        # embedding and merged with the tokens (dst or mean); None until then.
+        self.positions: Optional[torch.Tensor] = None
 
     @property
     def protected(self) -> int:
@@ -98,8 +105,12 @@ class MergeState:
         return self.prefix
 
     # -- options --------------------------------------------------------------------------
-    def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend):
+    def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend, positions=None):
         _checks.mode_threshold(mode, threshold, MODES)
+        if self.rotary:
+            _checks.choice("positions", positions, POSITIONS)
+        elif positions is not None:
+            raise ValueError(f"positions is only for families with rotary positions, not {self.family}")
         _checks.flag("prop_attn", prop_attn)
         _checks.flag("trace_source", trace_source)
         _checks.choice("metric", metric, METRICS)
@@ -111,6 +122,7 @@ class MergeState:
             raise TypeError(f"backend must be a str, got {type(backend).__name__}")
         self.mode, self.threshold, self.prop_attn = mode, threshold, prop_attn
         self.metric, self.trace_source, self.layer, self.backend = metric, trace_source, layer, backend
+        self.position_merge = positions
 
     def schedule(self, r) -> List[int]:
         """The r of every block for a schedule r (int, list, (r, inflect)) and the options.
@@ -131,7 +143,7 @@ class MergeState:
         owner = self.owner
         r = getattr(owner, "r", 0) if owner is not None else 0
         self.r_list = self.schedule(r)
-        self.size = self.source = self.last = self.kept = None
+        self.size = self.source = self.last = self.kept = self.positions = None
         self.grid = self.grid_of(tuple(input_shape))
         self.tokens = []
         self.entries = {}
@@ -143,21 +155,21 @@ class MergeState:
         backward) starts from that recorded state instead, so it makes the same merge.
         Returns what ``leave`` restores after a recompute (None after a first call)."""
         if i not in self.entries:
-            self.entries[i] = (self.size, self.source, n)
+            self.entries[i] = (self.size, self.source, self.positions, n)
             self.tokens.append(n)
             return None
-        size, source, n0 = self.entries[i]
+        size, source, positions, n0 = self.entries[i]
         if n != n0:
             raise RuntimeError(f"block {i} of a patched model ran again in the same forward with {n} tokens "
                                f"instead of {n0}: only activation checkpointing may call a block twice")
-        saved = (self.size, self.source, self.last, self.merge_seconds)
-        self.size, self.source = size, source
+        saved = (self.size, self.source, self.positions, self.last, self.merge_seconds)
+        self.size, self.source, self.positions = size, source, positions
         return saved
 
     def leave(self, saved) -> None:
         """After a recompute: put back the state of the forward (sizes, source map, ...)."""
         if saved is not None:
-            self.size, self.source, self.last, self.merge_seconds = saved
+            self.size, self.source, self.positions, self.last, self.merge_seconds = saved
 
     def merge(self, i: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
         """Block i's merge of x [B, N, C] (or [B, T, N, C] per frame) by its metric."""
@@ -168,12 +180,15 @@ class MergeState:
         p = self.prefix
         if p != int(self.class_token) + int(self.distill_token):  # a prefix vt.match cannot protect
             x = self._merge_after_prefix(x, metric, r, p)
-        elif self.trace_source or self.mode != "merge":  # the plan is needed (source map, modes)
+        elif self.trace_source or self.mode != "merge" or self.positions is not None:
+            # the plan is needed (source map, modes, positions)
             plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
                          mode=self.mode, threshold=self.threshold, backend=self.backend)
             if plan.r > 0:
                 if self.trace_source:
                     self.source = plan.merge_source(self.source)
+                if self.positions is not None:
+                    self.positions = self._merged_positions(plan, self.positions, self.size)
                 x, self.size = plan.merge(x, self.size)
         elif (x.shape[-2] - p) // 2 > 0:  # as the plan path: nothing to merge leaves size as it is
             # vt.merge: one fused call where the backend has one (BENCHMARKS.md, C++ backend
@@ -199,9 +214,23 @@ class MergeState:
         size = self.size
         if size is None:
             size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+        if self.positions is not None:
+            pos = self.positions
+            pos_rest = self._merged_positions(plan, pos[..., p:, :], size[..., p:, :])
+            self.positions = torch.cat((pos[..., :p, :], pos_rest), dim=-2)
         rest, rest_size = plan.merge(x[..., p:, :], size[..., p:, :])
         self.size = torch.cat((size[..., :p, :], rest_size.to(size.dtype)), dim=-2)
         return torch.cat((x[..., :p, :], rest), dim=-2)
+
+    def _merged_positions(self, plan, positions: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """Positions [..., N, 3] after the plan's merge, from the plan (no pass over x):
+        "dst" keeps each output token's own (its destination's for a merged one), "mean"
+        the size-weighted mean of what merges (a discarded source, as in mode="drop",
+        leaves its destination's as it is)."""
+        if self.position_merge == "mean":
+            return plan.merge(positions, size)[0]
+        idx = plan.out_idx
+        return positions.gather(-2, idx[..., None].expand(idx.shape + (positions.shape[-1],)))
 
     def key_metric(self, k: torch.Tensor) -> torch.Tensor:
         """The matching metric from keys [B, H, N, d]: mean over heads, or heads concatenated."""
@@ -292,28 +321,27 @@ def find_state(blocks: Sequence[torch.nn.Module]) -> Optional[MergeState]:
     return None
 
 
-def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: Callable,
-            embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
-            extra_hooks: Callable[[MergeState], None] = lambda s: None,
-            embed_forward: Optional[Callable] = None, select=None, select_groups="auto",
-            attention: Sequence[Tuple[torch.nn.Module, Callable]] = ()) -> torch.nn.Module:
-    """Patch blocks (class swap) and embed (state reset hook; class swap when the family
-    supports select) once; (re)set options and r.
-
-    attention: (module, forward) pairs of attention modules to class-swap as well, the
-    modules a Hugging Face model hooks to record ``output_attentions``: a block calls them
-    as modules, so those hooks see the attention the patch computes."""
+def install(family, model: torch.nn.Module, r, options: dict, select=None,
+            select_groups="auto") -> torch.nn.Module:
+    """Patch a model of ``family`` (family.py): swap the classes of its blocks (and of the
+    attention modules it names, the modules a Hugging Face model hooks to record
+    ``output_attentions``: a block calls them as modules, so those hooks see the attention
+    the patch computes), hook its embedding (state reset; class swap when the family
+    supports select) once; (re)set options and r."""
+    parts = family.parts(model)
+    blocks = parts.blocks
     if len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to patch")
     state = find_state(blocks)
     fresh = state is None
     if fresh:
-        state = make_state()
+        state = MergeState(family.name, len(blocks), family.scheme, parts.class_token, parts.distill_token,
+                           parts.grid_of, parts.cost, parts.prefix, rotary=family.rotary)
     before = dict(vars(state))
     try:
         state.configure(**options)
         check_select(select, select_groups)
-        if select is not None and embed_forward is None:
+        if select is not None and family.embed_forward is None:
             raise ValueError(f"select is not supported by the {state.family} patch")
         state.select, state.select_groups = select, select_groups
         state.schedule(r)  # a bad r fails now, not at the next forward
@@ -323,15 +351,16 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
     if fresh:
         for i, block in enumerate(blocks):
             block._vt_state, block._vt_index = state, i
-            block.__class__ = patched_class(type(block), block_forward(forward))
+            block.__class__ = patched_class(type(block), block_forward(family.block_forward))
+        embed = parts.embed
         embed.register_forward_pre_hook(BeginHook(state), with_kwargs=True)
-        if embed_forward is not None:
+        if family.embed_forward is not None:
             embed._vt_state = state
-            embed.__class__ = patched_class(type(embed), embed_forward)
-        for module, fwd in attention:
+            embed.__class__ = patched_class(type(embed), family.embed_forward)
+        for module, fwd in parts.attention:
             module._vt_state = state
             module.__class__ = patched_class(type(module), fwd)
-    extra_hooks(state)
+    parts.extra_hooks(state)
     state.owner = model
     model._vt = state
     model.r = r
@@ -388,20 +417,11 @@ def state_of(model: torch.nn.Module) -> MergeState:
     """The merge state of a patched model; a clear error otherwise."""
     state = getattr(model, "_vt", None)
     if not isinstance(state, MergeState):
+        from . import FAMILIES
+
         raise ValueError(f"{type(model).__name__} is not patched by vtome_kernels: call "
-                         "vt.patch.timm / videomae / vivit / timesformer on it first")
+                         f"vt.patch.{' / '.join(FAMILIES)} on it first")
     return state
-
-
-def split_head(model: torch.nn.Module, head_cls: type, base_cls: type, attr: str):
-    """(head or None, base model) of a Hugging Face video model: a *ForVideoClassification
-    head holds its base model at ``attr``; anything else is a clear TypeError."""
-    if isinstance(model, head_cls):
-        return model, getattr(model, attr)
-    if isinstance(model, base_cls):
-        return None, model
-    raise TypeError(f"model must be a transformers {base_cls.__name__} or {head_cls.__name__}, "
-                    f"got {type(model).__name__}")
 
 
 def grid_from(shape: Tuple[int, ...], names: str, t_step: int, h_step: int, w_step: int,
@@ -446,9 +466,10 @@ def kept_tokens(state: MergeState, grid: Tuple[int, int, int]) -> int:
     return kept_count(state.select, t, h * w, resolve_groups(state.select_groups, t))
 
 
-def select_tokens(state: MergeState, patches: torch.Tensor, pos: torch.Tensor, extra: int) -> torch.Tensor:
+def select_tokens(state: MergeState, patches: torch.Tensor, pos: Optional[torch.Tensor], extra: int) -> torch.Tensor:
     """Keep state.select of patches [B, N, C] (scored without positions, as FluxViT does) and
-    add the positional embeddings pos [N, C] of the kept positions; records the kept index
+    add the positional embeddings pos [N, C] of the kept positions (None: a family without
+    additive positions, rotary ones come from ``state.kept``); records the kept index
     and, with trace_source, a source map over the extra (class) tokens and all N patches."""
     from ..select import select
 
@@ -464,4 +485,4 @@ def select_tokens(state: MergeState, patches: torch.Tensor, pos: torch.Tensor, e
         rows = torch.arange(extra, extra + index.shape[1], device=patches.device).expand(b, -1)
         src[torch.arange(b, device=patches.device)[:, None], rows, index + extra] = 1.0
         state.source = src
-    return kept + pos.to(kept.dtype)[index]
+    return kept if pos is None else kept + pos.to(kept.dtype)[index]
