@@ -3,7 +3,8 @@
 FLOPs are counted from the tokens that enter each block (what the schedule and the
 clamping of each merge imply): the linear layers and the two attention products of every
 block, the MLP on the tokens left after the merge, the matching's score matrix, and the
-patch embedding. Multiply-adds count two. Normalisations, softmax and the head are left
+patch embedding, and an attentive pooler's layers on the final tokens (V-JEPA 2's head).
+Multiply-adds count two. Normalisations, softmax and a linear head are left
 out (a few percent at most); the ratio patched / unpatched is what the budget uses.
 """
 
@@ -66,6 +67,7 @@ def flops(model, input_shape, r=None) -> float:
     d = cost.dim // cost.heads if state.metric == "mean" else cost.dim
     total = cost.embed(grid[0] * grid[1] * grid[2])
     total += sum(cost.block(n, rr, d) for n, rr in zip(counts, real))
+    total += cost.head(counts[-1])
     return total * shape[0]
 
 

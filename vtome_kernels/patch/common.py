@@ -36,13 +36,15 @@ class CostModel:
     """Per-layer FLOPs of a model family from its token counts (see ``budget.py``).
 
     scheme "st": one sequence of N tokens per clip; "dst": T frames of n tokens each plus
-    a class token set aside (TimeSformer's divided space-time block).
+    a class token set aside (TimeSformer's divided space-time block). pooler: the
+    self-attention layers of an attentive pooler after the blocks (V-JEPA 2's head: those
+    layers, then one query's cross-attention, all on the final tokens); None: no pooler.
     """
 
     def __init__(self, scheme: str, dim: int, mlp: int, heads: int, in_per_token: int,
-                 frames: int = 1):
+                 frames: int = 1, pooler: Optional[int] = None):
         self.scheme, self.dim, self.mlp, self.heads = scheme, dim, mlp, heads
-        self.in_per_token, self.frames = in_per_token, frames
+        self.in_per_token, self.frames, self.pooler = in_per_token, frames, pooler
 
     def embed(self, patches: int) -> float:
         """The patch embedding: a linear map of each patch's pixels."""
@@ -59,6 +61,14 @@ class CostModel:
         temporal = 2.0 * (4 * n * t * c * c + 2 * n * t * t * c) + 2.0 * n * t * c * c
         spatial = 2.0 * (4 * t * (n + 1) * c * c + 2 * t * (n + 1) ** 2 * c)
         return temporal + spatial + t * match_flops + 2.0 * 2 * (1 + (n - r) * t) * c * m
+
+    def head(self, n: int) -> float:
+        """FLOPs of an attentive pooler on the n final tokens (0 without one): its
+        self-attention layers as blocks, then the keys, values and one query's attention."""
+        if self.pooler is None:
+            return 0.0
+        c = self.dim
+        return self.pooler * self.block(n, 0, 0) + 2.0 * (2 * n * c * c + 2 * n * c)
 
 
 class MergeState:
