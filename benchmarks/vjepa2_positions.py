@@ -7,7 +7,7 @@ A small V-JEPA 2 (VJEPA2ForVideoClassification: 6 layers, width 96, 3 heads, 8 f
 32x32 in tubelets of 2 and patches of 8: 64 tokens, one pooler layer) is trained here, from
 random weights, on synthetic motion clips (``clips``: a square moving in one of 8
 directions over noise, beside a still square of another colour; the class is the
-direction), then evaluated on a fixed held-out set unpatched and patched at r = 4, 8, 10, 12
+direction; 3 squares move together), then evaluated on a fixed held-out set unpatched and patched at r = 4, 8, 10, 12
 per layer for positions "dst" / "mean", prop_attn on / off, pool_prop_attn on / off, and
 with positions re-derived from the token index after each merge (what a patch that
 ignores positions would do). Fixed seeds; CPU-sized. Numbers are of this small model on
@@ -34,35 +34,37 @@ from .harness import machine, progress, write_block
 
 BEGIN, END = "<!-- vjepa2-positions:begin -->", "<!-- vjepa2-positions:end -->"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FRAMES, SIDE, SQUARE, SPEED, NOISE = 8, 32, 6, 2, 0.1
+FRAMES, SIDE, SQUARE, SPEED, NOISE, MOVING = 8, 32, 6, 2, 0.1, 3
 DIRECTIONS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dx, dy) != (0, 0)]
 RS = (4, 8, 10, 12)
 
 
 def clips(n: int, generator: torch.Generator):
-    """n clips [n, FRAMES, 3, SIDE, SIDE] and their labels [n] (the direction, 0..7)."""
+    """n clips [n, FRAMES, 3, SIDE, SIDE] and their labels [n] (the direction, 0..7):
+    MOVING squares of one colour move SPEED pixels a frame in the clip's direction, from
+    random starts, over noise, beside a still square of another colour."""
     g = generator
     label = torch.randint(0, len(DIRECTIONS), (n,), generator=g)
-    d = torch.tensor(DIRECTIONS, dtype=torch.float32)[label]                      # [n, 2]
+    d = torch.tensor(DIRECTIONS, dtype=torch.float32)[label][:, None, None, :]   # [n, 1, 1, 2]
     travel = SPEED * (FRAMES - 1)
     room = SIDE - SQUARE - travel                                                 # start range if moving
-    u = torch.rand(n, 2, generator=g)
+    u = torch.rand(n, MOVING, 1, 2, generator=g)
     start = torch.where(d > 0, u * room, torch.where(d < 0, travel + u * room, u * (SIDE - SQUARE)))
-    still = torch.rand(n, 2, generator=g) * (SIDE - SQUARE)
+    still = torch.rand(n, 1, 1, 2, generator=g) * (SIDE - SQUARE)
     colour = 0.5 + 0.5 * torch.rand(n, 3, generator=g)
     other = 0.5 + 0.5 * torch.rand(n, 3, generator=g)
-    t = torch.arange(FRAMES, dtype=torch.float32)
-    pos = start[:, None, :] + SPEED * t[None, :, None] * d[:, None, :]            # [n, T, 2]
+    t = torch.arange(FRAMES, dtype=torch.float32)[None, None, :, None]
+    pos = start + SPEED * t * d                                                   # [n, MOVING, T, 2]
     grid = torch.arange(SIDE, dtype=torch.float32)
 
-    def square(at):  # at [n, T, 2] or [n, 1, 2] -> mask [n, T, SIDE, SIDE]
+    def squares(at):  # at [n, S, T or 1, 2] -> mask [n, T or 1, SIDE, SIDE] (union of the S squares)
         x = (grid >= at[..., :1]) & (grid < at[..., :1] + SQUARE)
         y = (grid >= at[..., 1:]) & (grid < at[..., 1:] + SQUARE)
-        return (y[..., :, None] & x[..., None, :]).float()
+        return (y[..., :, None] & x[..., None, :]).any(1).float()
 
     video = NOISE * torch.randn(n, FRAMES, 3, SIDE, SIDE, generator=g)
-    video += square(pos)[:, :, None] * colour[:, None, :, None, None]
-    video += square(still[:, None, :])[:, :, None] * other[:, None, :, None, None]
+    video += squares(pos)[:, :, None] * colour[:, None, :, None, None]
+    video += squares(still)[:, :, None] * other[:, None, :, None, None]
     return video, label
 
 
@@ -166,7 +168,7 @@ def table(rows: List[dict], rs=RS) -> str:
     return "\n".join(lines)
 
 
-def run(steps: int = 800, batch: int = 64, held_out: int = 2000, seed: int = 0, write: bool = False,
+def run(steps: int = 1200, batch: int = 32, held_out: int = 1000, seed: int = 0, write: bool = False,
         command: str = "python -m benchmarks.vjepa2_positions", rs=RS, settings=SETTINGS) -> str:
     progress(f"training a small V-JEPA 2 on synthetic motion clips: {steps} steps of {batch}")
     t0 = time.perf_counter()
@@ -176,8 +178,8 @@ def run(steps: int = 800, batch: int = 64, held_out: int = 2000, seed: int = 0, 
     data = clips(held_out, torch.Generator().manual_seed(seed + 1))
     rows = evaluate(model, data, rs, settings)
     header = (f"A small V-JEPA 2 trained here (VJEPA2ForVideoClassification from random weights: 6 layers, width 96, "
-              f"3 heads, 64 tokens of 8x32x32 clips, one pooler layer) on synthetic motion clips (8 directions of a "
-              f"moving square; {steps} steps of {batch} fresh clips, {minutes:.1f} min to train, final loss "
+              f"3 heads, 64 tokens of 8x32x32 clips, one pooler layer) on synthetic motion clips (8 directions of 3 "
+              f"squares moving together, a still one beside them; {steps} steps of {batch} fresh clips, {minutes:.1f} min to train, final loss "
               f"{sum(losses[-20:]) / len(losses[-20:]):.3f}); accuracy on {held_out} held-out clips, r per layer. "
               f"Not a released checkpoint. Machine: {machine()}, {datetime.date.today()}. Seeds fixed "
               f"(model {seed}, data {seed}/{seed + 1}). Command: `{command}`.")
@@ -191,9 +193,9 @@ def run(steps: int = 800, batch: int = 64, held_out: int = 2000, seed: int = 0, 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.vjepa2_positions", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=800, help="training steps (default 800)")
-    ap.add_argument("--batch", type=int, default=64, help="clips per training step (default 64)")
-    ap.add_argument("--held-out", type=int, default=2000, help="evaluation clips (default 2000)")
+    ap.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
+    ap.add_argument("--batch", type=int, default=32, help="clips per training step (default 32)")
+    ap.add_argument("--held-out", type=int, default=1000, help="evaluation clips (default 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine, 2 threads ran 5x slower)")

@@ -267,7 +267,7 @@ def test_a_block_run_twice_on_other_tokens_is_an_error(family):
 
 
 # -- output_attentions / output_hidden_states of the Hugging Face patches ----------------------
-HF = ["videomae", "vivit", "timesformer"]
+HF = [name for name, f in vt.patch.FAMILIES.items() if f.package == "transformers"]
 
 
 def hf_build(family, impl="eager"):

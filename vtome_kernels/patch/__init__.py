@@ -4,7 +4,7 @@
     vt.patch.videomae(model, r=150)       # transformers VideoMAE (spatio-temporal)
     vt.patch.vivit(model, r=300)          # transformers ViViT (spatio-temporal, cls protected)
     vt.patch.timesformer(model, r=18)     # transformers TimeSformer (divided space-time)
-    vt.patch.vjepa2(model, r=64)          # transformers V-JEPA 2 (rotary positions carried by the tokens)
+    vt.patch.vjepa2(model, r=71)          # transformers V-JEPA 2 (rotary positions carried by the tokens)
     model.r = (16, -1.0)                  # int, per-layer list or (r, inflect); 0 = unpatched
 
 The same module objects keep their weights; patching again only changes the options.

@@ -196,5 +196,5 @@ FAMILY = Family(
     name="vjepa2", title="transformers V-JEPA 2 (spatio-temporal, rotary positions carried by the tokens)",
     package="transformers", scheme="st", patch=apply_patch, parts=_parts, block_forward=_layer_forward,
     embed_forward=_embed_forward, rotary=True, tiny=_tiny,
-    bench=Bench("V-JEPA 2 ViT-L 16x256", _bench, lambda t: (1, 4, 3, 32, 32) if t else (1, 16, 3, 256, 256), 64),
+    bench=Bench("V-JEPA 2 ViT-L 16x256", _bench, lambda t: (1, 4, 3, 32, 32) if t else (1, 16, 3, 256, 256), 71),
 )
