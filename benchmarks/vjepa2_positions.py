@@ -5,10 +5,10 @@
 
 A small V-JEPA 2 (VJEPA2ForVideoClassification: 6 layers, width 96, 3 heads, 8 frames of
 32x32 in tubelets of 2 and patches of 8: 64 tokens, one pooler layer) is trained here, from
-random weights, on synthetic motion clips (``clips``: a square moving in one of 8
-directions over noise, beside a still square of another colour; the class is the
-direction; 3 squares move together), then evaluated on a fixed held-out set unpatched and patched at r = 4, 8, 10, 12
-per layer for positions "dst" / "mean", prop_attn on / off, pool_prop_attn on / off, and
+random weights, on synthetic motion clips (``clips``: three squares of one colour moving
+together in one of 8 directions over noise, beside a still square of another colour; the
+class is the direction), then evaluated on a fixed held-out set unpatched and patched at
+r = 4, 8, 10, 12 per layer for positions "dst" / "mean", prop_attn on / off, pool_prop_attn on / off, and
 with positions re-derived from the token index after each merge (what a patch that
 ignores positions would do). Fixed seeds; CPU-sized. Numbers are of this small model on
 these clips, not of a released checkpoint.
@@ -80,11 +80,12 @@ def build(seed: int = 0, labels: int = len(DIRECTIONS)):
 
 
 def train(model, steps: int, batch: int, seed: int, lr: float = 1e-3) -> List[float]:
-    """AdamW with a cosine schedule on fresh clips every step; the losses."""
+    """AdamW (30 warm-up steps, then cosine; gradients clipped to norm 1) on fresh clips
+    every step; the losses."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     losses = []
     t0 = time.perf_counter()
@@ -93,6 +94,7 @@ def train(model, steps: int, batch: int, seed: int, lr: float = 1e-3) -> List[fl
         loss = torch.nn.functional.cross_entropy(model(x).logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
