@@ -1,0 +1,137 @@
+"""Options that reproduce the published code of the video paper (issue 14): hybrid mode,
+layer choice, TimeSformer's proportional attention. (The (r, inflect) schedule rule is in
+test_schedule.py.) Expectations are worked out by hand or by loops written here from the
+rules in ALGORITHM.md; no published code is used."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vtome_kernels as vt
+
+try:  # imported now, while conftest.py's TRITON_INTERPRET=1 is set, so its interpreter works
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
+BACKENDS = ["reference", "cpp", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Every backend: the C++ one where it is built, Triton in its CPU interpreter."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_interpret")  # skips where triton is not installed
+    elif request.param == "cpp":
+        ok, why = vt.backends()["cpp"]
+        if not ok:
+            pytest.skip(why)
+    return request.param
+
+
+# -- hybrid ---------------------------------------------------------------------------------
+# The issue's worked example: A = positions 0, 2, 4; B = 1, 3, 5. Position 0 is the one
+# source (r = 1), matched to position 1 with cosine 1.9 / sqrt(1.81 * 2) = 0.99862.
+EXAMPLE_METRIC = [[1, 0.9], [1, 1], [0, 1], [-1, 0], [-1, -0.5], [0, -1]]
+
+
+@pytest.mark.parametrize("threshold,want_x,want_s,row2", [
+    (0.999, [50, 30, 10, 40, 60], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]),  # destination 20 dropped
+    (0.5, [50, 30, 15, 40, 60], [1, 1, 2, 1, 1], [1, 1, 0, 0, 0, 0]),    # 10 and 20 merge
+])
+def test_hybrid_worked_example(backend, threshold, want_x, want_s, row2):
+    metric = torch.tensor(EXAMPLE_METRIC)[None]
+    x = torch.tensor([10.0, 20, 30, 40, 50, 60])[None, :, None]
+    plan = vt.match(metric, 1, mode="hybrid", threshold=threshold, backend=backend)
+    assert plan.src_idx.tolist() == [[0]] and plan.dst_idx.tolist() == [[1]]
+    assert abs(plan.src_score.item() - 1.9 / math.sqrt(1.81 * 2)) < 1e-6
+    assert plan.merged.tolist() == [[True]]  # the source always merges
+    assert plan.dst_kept.tolist() == [[threshold <= 0.5]]
+    y, s = plan.merge(x)
+    assert y[0, :, 0].tolist() == want_x and s[0, :, 0].tolist() == want_s
+    source = plan.merge_source()
+    assert source[0, 2].tolist() == row2  # the output row of destination 1
+    assert torch.equal(y, vt.merge(x, None, 1, metric=metric, mode="hybrid", threshold=threshold,
+                                   backend=backend)[0])
+
+
+def _angles(degrees):
+    return torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in degrees])
+
+
+def test_hybrid_sources_sharing_a_destination(backend):
+    # B (odd positions) at 0, 90, 180, 270 degrees. A: positions 0, 2, 4 go to position 1
+    # (cosines .990, .951, .766), position 6 goes to position 3 (.996). r = 4: all merge.
+    metric = _angles([8, 0, -18, 90, 40, 180, 85, 270])[None]
+    x = torch.arange(8, dtype=torch.float32).mul(10)[None, :, None].repeat(1, 1, 3)
+    size = torch.tensor([1.0, 5, 2, 3, 4, 1, 2, 1])[None, :, None]
+    # An earlier merge left position 1 holding original patches {1, 8}, position 0 {0, 9}.
+    source = torch.eye(8, 10, dtype=torch.bool)[None].clone()
+    source[0, 1, 8] = source[0, 0, 9] = True
+    plan = vt.match(metric, 4, mode="hybrid", threshold=0.9, backend=backend)
+    assert plan.dst_idx.tolist() == [[3, 1, 1, 1]]  # ranked: 6 (.996), 0, 2, 4 (.766)
+    assert plan.dst_kept.tolist() == [[True, False, False, False]]
+    y, s = plan.merge(x, size)
+    # Position 1 (x = 10, size 5) is dropped: 0, 2, 4 alone. Position 3 keeps its own.
+    want_x = [(0 * 1 + 20 * 2 + 40 * 4) / 7, (30 * 3 + 60 * 2) / 5, 50, 70]
+    torch.testing.assert_close(y[0], torch.tensor(want_x)[:, None].expand(4, 3))
+    assert s[0, :, 0].tolist() == [7, 5, 1, 1]
+    rows = [set(torch.nonzero(r).flatten().tolist()) for r in plan.merge_source(source)[0]]
+    assert rows == [{0, 9, 2, 4}, {3, 6}, {5}, {7}]  # 1 and 8 (the dropped token) left the map
+    full = plan.unmerge(y)  # sources and the dropped destination read their merged token
+    assert torch.equal(full[0, [0, 1, 2, 4]], y[0, [0, 0, 0, 0]])
+
+
+def _published_hybrid(x, size, source, plan, threshold):
+    """The video paper's hybrid rule on a merge-mode plan, in float64, one loop per group:
+    each destination's own x·size and size are multiplied by the product over its sources
+    of (score >= threshold); every source adds its x·size and size; the source map row is
+    the union of the sources and (if kept) the destination's own row."""
+    g_out_x, g_out_s, g_src = [], [], []
+    rows = lambda t: t.reshape((-1,) + t.shape[-2:])  # noqa: E731  [*lead, N, C] -> [G, N, C]
+    idx = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [*lead, K] -> [G, K]
+    for xs, ss, src_map, out, srcs, dsts, scores in zip(
+            rows(x).double(), rows(size).double(), rows(source).double(), idx(plan.out_idx),
+            idx(plan.src_idx), idx(plan.dst_idx), idx(plan.src_score)):
+        rows_x, rows_s, rows_src = [], [], []
+        for pos in out.tolist():
+            mine = [(p, sc) for p, d, sc in zip(srcs.tolist(), dsts.tolist(), scores.tolist()) if d == pos]
+            keep = float(all(sc >= threshold for _, sc in mine))
+            acc, tot, union = xs[pos] * ss[pos] * keep, ss[pos] * keep, src_map[pos] * keep
+            for p, _ in mine:
+                acc, tot, union = acc + xs[p] * ss[p], tot + ss[p], torch.maximum(union, src_map[p])
+            rows_x.append(acc / tot)
+            rows_s.append(tot)
+            rows_src.append(union)
+        g_out_x.append(torch.stack(rows_x))
+        g_out_s.append(torch.stack(rows_s))
+        g_src.append(torch.stack(rows_src))
+    lead = plan.out_idx.shape
+    return (torch.stack(g_out_x).reshape(lead + x.shape[-1:]), torch.stack(g_out_s).reshape(lead + (1,)),
+            torch.stack(g_src).reshape(lead + source.shape[-1:]))
+
+
+@pytest.mark.parametrize("lead,n,r,cls", [((2,), 23, 9, True), ((1, 3), 16, 6, False), ((2,), 40, 20, False)])
+def test_hybrid_matches_the_published_rule(backend, lead, n, r, cls):
+    g = torch.Generator().manual_seed(n)
+    metric = torch.randn(lead + (n, 4), generator=g)
+    metric[..., 5, :] = metric[..., 3, :]  # a tie, and a destination that gets several sources
+    x = torch.randn(lead + (n, 5), generator=g)
+    size = torch.randint(1, 5, lead + (n, 1), generator=g).float()
+    source = torch.rand(lead + (n, n + 3), generator=g) > 0.7
+    plan = vt.match(metric, r, class_token=cls, backend=backend)
+    threshold = float(plan.src_score[torch.isfinite(plan.src_score)].median())
+    hybrid = vt.match(metric, r, class_token=cls, mode="hybrid", threshold=threshold, backend=backend)
+    for field in ("out_idx", "src_idx", "dst_idx", "unm_idx"):
+        assert torch.equal(getattr(hybrid, field), getattr(plan, field))
+    assert not hybrid.dst_kept.all() and hybrid.dst_kept.any()
+    want_x, want_s, want_src = _published_hybrid(x, size, source, plan, threshold)
+    y, s = hybrid.merge(x, size)
+    torch.testing.assert_close(y.double(), want_x, atol=1e-5, rtol=1e-5)
+    assert torch.equal(s.double(), want_s)
+    assert torch.equal(hybrid.merge_source(source), want_src.bool())
+    _, s1 = hybrid.merge(x)  # unit sizes count the original patches each token holds
+    assert torch.equal(hybrid.merge_source().sum(-1, keepdim=True), s1)
