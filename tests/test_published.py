@@ -135,3 +135,60 @@ def test_hybrid_matches_the_published_rule(backend, lead, n, r, cls):
     assert torch.equal(hybrid.merge_source(source), want_src.bool())
     _, s1 = hybrid.merge(x)  # unit sizes count the original patches each token holds
     assert torch.equal(hybrid.merge_source().sum(-1, keepdim=True), s1)
+
+
+# -- TimeSformer proportional attention ------------------------------------------------------
+def _attention_by_hand(qkv, heads, scale, bias=None):
+    """Context [G, N, C] of softmax(q·kᵀ·scale + bias)·v from the qkv projection [G, N, 3C];
+    bias [G, N, N] (query row, key) or None."""
+    g, n, c3 = qkv.shape
+    q, k, v = qkv.double().reshape(g, n, 3, heads, c3 // 3 // heads).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-2, -1) * scale
+    if bias is not None:
+        logits = logits + bias[:, None].double()
+    p = logits.softmax(-1)
+    return (p @ v).transpose(1, 2).reshape(g, n, c3 // 3), p
+
+
+def test_timesformer_size_bias_pattern():
+    """Published pattern: log(size) only in the spatial attention, only on the patch tokens'
+    query rows (the class token's row unbiased); none in the temporal attention."""
+    pytest.importorskip("transformers")
+    from patch_models import build
+
+    model, x, patch, _ = build("timesformer")
+    patch(model, r=[6, 0, 0])  # block 0 merges; block 1 attends over tokens of unequal sizes
+    layer = model.timesformer.encoder.layer[1]
+    seen, handles = {}, []
+    for name, att in (("temporal", layer.temporal_attention), ("spatial", layer.attention)):
+        handles.append(att.attention.qkv.register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name + " qkv", out)))
+        handles.append(att.output.register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name + " context", a[0])))
+    handles.append(layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("size", model._vt.size)))
+    with torch.no_grad():
+        probs = model(x, output_attentions=True).attentions[1]
+    for h in handles:
+        h.remove()
+    sa = layer.attention.attention
+    size = seen["size"]  # [b, t, n', 1]
+    b, t, n = size.shape[:3]
+    assert size.max() > 1 and size.min() == 1
+
+    # Temporal attention: over the t frames of each of the b·n' slots, unbiased.
+    ctx, _ = _attention_by_hand(seen["temporal qkv"], sa.num_heads, sa.scale)
+    torch.testing.assert_close(seen["temporal context"].double(), ctx, atol=1e-5, rtol=1e-5)
+    slot_bias = size.log().permute(0, 2, 3, 1).reshape(b * n, 1, t).expand(b * n, t, t)
+    biased, _ = _attention_by_hand(seen["temporal qkv"], sa.num_heads, sa.scale, slot_bias)
+    assert (biased - ctx).abs().max() > 1e-3  # a bias here would have shown
+
+    # Spatial attention: [cls, n' patches] of every frame; bias on rows 1: and columns 1:.
+    key_bias = size.log().reshape(b * t, 1, n)
+    bias = torch.zeros(b * t, 1 + n, 1 + n)
+    bias[:, 1:, 1:] = key_bias.expand(b * t, n, n)
+    ctx, p = _attention_by_hand(seen["spatial qkv"], sa.num_heads, sa.scale, bias)
+    torch.testing.assert_close(seen["spatial context"].double(), ctx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.double(), p, atol=1e-5, rtol=1e-5)
+    bias[:, :1, 1:] = key_bias  # the class token's row biased too: not what runs
+    fuller, _ = _attention_by_hand(seen["spatial qkv"], sa.num_heads, sa.scale, bias)
+    assert (fuller[:, 0] - ctx[:, 0]).abs().max() > 1e-3
