@@ -192,3 +192,133 @@ def test_timesformer_size_bias_pattern():
     bias[:, :1, 1:] = key_bias  # the class token's row biased too: not what runs
     fuller, _ = _attention_by_hand(seen["spatial qkv"], sa.num_heads, sa.scale, bias)
     assert (fuller[:, 0] - ctx[:, 0]).abs().max() > 1e-3
+
+
+# -- layer choice -----------------------------------------------------------------------------
+def _vivit_by_hand(model, x, layer, steps):
+    """ViViT with the video paper's layer choice, written out: before block ``layer``, one
+    keys-only step per entry of steps but the last (the block's keys of its LayerNorm'd
+    input, mean over heads; merge; nothing else), then the block with proportional attention
+    and its own merge of steps[-1]. Returns (logits, tokens entering every block then the
+    final count, tokens seen by every key projection)."""
+    vivit = model.vivit
+    h, size, entering, keyed = vivit.embeddings(x), None, [], []
+
+    def heads(t, a):
+        return t.reshape(t.shape[0], t.shape[1], a.num_attention_heads, -1).transpose(1, 2)
+
+    for i, blk in enumerate(vivit.layers):
+        a = blk.attention
+        entering.append(h.shape[1])
+        for r in (steps[:-1] if i == layer else []):
+            if r == 0:  # a step that merges nothing changes nothing
+                continue
+            keyed.append(h.shape[1])
+            keys = heads(a.k_proj(blk.layernorm_before(h)), a)
+            h, size = vt.merge(h, size, r, metric=keys.mean(1), class_token=True, backend="reference")
+        y = blk.layernorm_before(h)
+        keyed.append(h.shape[1])
+        q, k, v = heads(a.q_proj(y), a), heads(a.k_proj(y), a), heads(a.v_proj(y), a)
+        logits = q @ k.transpose(-2, -1) * a.scaling
+        if size is not None:
+            logits = logits + size.log()[:, None, None, :, 0]
+        ctx = (logits.softmax(-1) @ v).transpose(1, 2).reshape(h.shape)
+        h = h + a.o_proj(ctx)
+        if i == layer:
+            h, size = vt.merge(h, size, steps[-1], metric=k.mean(1), class_token=True, backend="reference")
+        h = h + blk.mlp(blk.layernorm_after(h))
+    entering.append(h.shape[1])
+    return model.classifier(vivit.layernorm(h)[:, 0]), entering, keyed
+
+
+def _run_counting_keys(model, x):
+    """(logits, tokens seen by every call of the ViViT's key projections) of one forward."""
+    keyed = []
+    handles = [blk.attention.k_proj.register_forward_hook(lambda m, a, out: keyed.append(a[0].shape[1]))
+               for blk in model.vivit.layers]
+    try:
+        with torch.no_grad():
+            logits = model(x).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, keyed
+
+
+@pytest.mark.parametrize("layer,r", [(1, 5), (0, [4, 0, 6]), (2, (4, -1.0)), (1, [0, 3, 0])])
+def test_layer_choice_matches_a_loop_over_vivit(layer, r):
+    pytest.importorskip("transformers")
+    from patch_models import build
+
+    model, x, patch, _ = build("vivit")  # 33 tokens (class + 32 tubelets), 3 blocks
+    steps = vt.schedule.layer_r(r, 3)
+    with torch.no_grad():
+        want, want_entering, want_keyed = _vivit_by_hand(model, x, layer, steps)
+    patch(model, r=r, layer=layer, backend="reference")
+    logits, keyed = _run_counting_keys(model, x)
+    assert keyed == want_keyed  # one key projection per nonzero step, then the block's own
+    assert vt.patch.token_counts(model, x.shape) == want_entering
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_choice_token_counts_on_the_vivit_b_grid():
+    """ViViT-B's grid (32 frames at 224, tubelets 2x16x16: 3137 tokens), r=300 in layer 0,
+    on a narrow model: the published 3137 -> 2837 -> ... -> 437 -> 219 -> 110 inside block 0
+    (each step clamped to half), 56 after its own merge."""
+    pytest.importorskip("transformers")
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    torch.manual_seed(0)
+    cfg = VivitConfig(hidden_size=16, num_attention_heads=1, intermediate_size=16, num_labels=2)
+    model = VivitForVideoClassification(cfg).eval()
+    vt.patch.vivit(model, r=300, layer=0)
+    x = torch.randn(1, 32, 3, 224, 224)
+    _, keyed = _run_counting_keys(model, x)
+    chain = [3137 - 300 * i for i in range(10)] + [219, 110]
+    assert keyed == chain + [56] * 11
+    assert vt.patch.token_counts(model, x.shape) == [3137] + [56] * 12
+    unmerged = vt.patch.flops(model, x.shape, 0)
+    assert vt.patch.flops(model, x.shape) < unmerged / 10  # 11 of 12 blocks on 56 tokens
+
+
+@pytest.mark.parametrize("family", ["timm", "videomae", "timesformer"])
+def test_keys_only_step_uses_the_blocks_own_keys(family):
+    """Every family's keys-only step merges by the keys its block's attention computes
+    (qkv projection of the LayerNorm'd tokens, as the block's forward does it)."""
+    pytest.importorskip("timm" if family == "timm" else "transformers")
+    from patch_models import blocks, build
+
+    model, x, patch, _ = build(family)
+    patch(model, r=2, layer=1, backend="reference")
+    st, blk = model._vt, blocks(model)[1]
+    seen = []
+    h = blk.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()),
+                                      with_kwargs=True)
+    with torch.no_grad():
+        model(x)
+        h.remove()
+        tokens = seen[0]  # what block 1 receives; now replay its first keys-only step
+        st.size = start = st.entries[1][0]  # the sizes block 1 started from
+        got = st.keys_step(blk, tokens, 2)
+        st.size = start
+        if family == "timm":
+            a = blk.attn
+            qkv = a.qkv(blk.norm1(tokens)).reshape(tokens.shape[0], tokens.shape[1], 3, a.num_heads, -1)
+            metric = a.k_norm(qkv[:, :, 1].transpose(1, 2)).mean(1)
+            want = st.merge(1, tokens, metric, 2)
+        elif family == "videomae":
+            sa = blk.attention.attention
+            k = sa.key(blk.layernorm_before(tokens))
+            want = st.merge(1, tokens, k.reshape(k.shape[0], k.shape[1], sa.num_attention_heads, -1).mean(2), 2)
+        else:
+            sa, t = blk.attention.attention, blk.config.num_frames
+            b, length, c = tokens.shape
+            n = (length - 1) // t
+            frames = tokens[:, 1:].reshape(b, n, t, c).transpose(1, 2)
+            with_cls = torch.cat((tokens[:, :1, None].expand(b, t, 1, c), frames), dim=2).reshape(b * t, n + 1, c)
+            qkv = sa.qkv(blk.layernorm_before(with_cls)).reshape(b * t, n + 1, 3, sa.num_heads, -1)
+            metric = qkv[:, 1:, 1].mean(2).reshape(b, t, n, -1)  # the patch tokens' keys
+            merged = st.merge(1, frames, metric, 2)
+            want = torch.cat((tokens[:, :1], merged.transpose(1, 2).reshape(b, -1, c)), dim=1)
+    assert got.shape[1] < tokens.shape[1]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

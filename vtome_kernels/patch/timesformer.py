@@ -80,6 +80,22 @@ def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = 
     return (out, probs) if output_attentions else (out,)
 
 
+def _keys_step(self, x: torch.Tensor, r: int) -> torch.Tensor:
+    """Layer choice's keys-only merge step of x [b, 1 + n·t, c]: every frame merged on its
+    own by the spatial attention's keys of LayerNorm(its tokens) (the class token set aside)."""
+    st = self._vt_state
+    t = self.config.num_frames
+    b, length, c = x.shape
+    n = (length - 1) // t
+    frames = x[:, 1:].reshape(b, n, t, c).transpose(1, 2)  # [b, t, n, c]
+    sa = self.attention.attention
+    bias = None if sa.qkv.bias is None else sa.qkv.bias[c:2 * c]
+    k = torch.nn.functional.linear(self.layernorm_before(frames), sa.qkv.weight[c:2 * c], bias)
+    k = k.reshape(b * t, n, sa.num_heads, c // sa.num_heads).transpose(1, 2)
+    frames = st.merge(self._vt_index, frames, st.key_metric(k).reshape(b, t, n, -1), r)
+    return torch.cat((x[:, :1], frames.transpose(1, 2).reshape(b, -1, c)), dim=1)
+
+
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
                 metric: str = "mean", trace_source: bool = False, layer=None, select=None,
                 backend: str = "auto"):
@@ -112,4 +128,4 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options)
+    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, keys_step=_keys_step)
