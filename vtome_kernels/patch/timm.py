@@ -84,8 +84,9 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     r: int, per-layer list or (r, inflect); later ``model.r = ...`` changes it. mode: the
     modes of vt.merge (threshold for "hybrid"); prop_attn: size bias in attention;
     metric: "mean" (keys averaged over heads) or "concat"; trace_source: keep the map of
-    original patches per token (for vtome_kernels.vis); layer: do all the schedule's
-    merging in that one block. Patching again only changes the options.
+    original patches per token (for vtome_kernels.vis); layer: layer choice, the
+    schedule's entries as successive merge steps inside that one block (keys-only steps,
+    then the block's own merge; API.md). Patching again only changes the options.
     """
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
