@@ -3,8 +3,9 @@
 FLOPs are counted from the tokens that enter each block (what the schedule and the
 clamping of each merge imply): the linear layers and the two attention products of every
 block, the MLP on the tokens left after the merge, the matching's score matrix, the key
-projection of layer choice's keys-only steps, and the patch embedding. Multiply-adds count two. Normalisations, softmax and the head are left
-out (a few percent at most); the ratio patched / unpatched is what the budget uses.
+projection of layer choice's keys-only steps, and the patch embedding. Multiply-adds count
+two. Normalisations, softmax and the head are left out (a few percent at most); the ratio
+patched / unpatched is what the budget uses.
 """
 
 from __future__ import annotations
