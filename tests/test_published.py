@@ -38,18 +38,18 @@ def backend(request):
 EXAMPLE_METRIC = [[1, 0.9], [1, 1], [0, 1], [-1, 0], [-1, -0.5], [0, -1]]
 
 
-@pytest.mark.parametrize("threshold,want_x,want_s,row2", [
-    (0.999, [50, 30, 10, 40, 60], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]),  # destination 20 dropped
-    (0.5, [50, 30, 15, 40, 60], [1, 1, 2, 1, 1], [1, 1, 0, 0, 0, 0]),    # 10 and 20 merge
+@pytest.mark.parametrize("threshold,kept,want_x,want_s,row2", [
+    (0.999, False, [50, 30, 10, 40, 60], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]),  # 20 dropped, 10 stays
+    (0.5, True, [50, 30, 15, 40, 60], [1, 1, 2, 1, 1], [1, 1, 0, 0, 0, 0]),     # 10 and 20 merge
 ])
-def test_hybrid_worked_example(backend, threshold, want_x, want_s, row2):
+def test_hybrid_worked_example(backend, threshold, kept, want_x, want_s, row2):
     metric = torch.tensor(EXAMPLE_METRIC)[None]
     x = torch.tensor([10.0, 20, 30, 40, 50, 60])[None, :, None]
     plan = vt.match(metric, 1, mode="hybrid", threshold=threshold, backend=backend)
     assert plan.src_idx.tolist() == [[0]] and plan.dst_idx.tolist() == [[1]]
     assert abs(plan.src_score.item() - 1.9 / math.sqrt(1.81 * 2)) < 1e-6
     assert plan.merged.tolist() == [[True]]  # the source always merges
-    assert plan.dst_kept.tolist() == [[threshold <= 0.5]]
+    assert plan.dst_kept.tolist() == [[kept]]
     y, s = plan.merge(x)
     assert y[0, :, 0].tolist() == want_x and s[0, :, 0].tolist() == want_s
     source = plan.merge_source()
@@ -90,9 +90,13 @@ def _published_hybrid(x, size, source, plan, threshold):
     each destination's own x·size and size are multiplied by the product over its sources
     of (score >= threshold); every source adds its x·size and size; the source map row is
     the union of the sources and (if kept) the destination's own row."""
+    def rows(t):  # [*lead, N, C] -> [G, N, C]
+        return t.reshape((-1,) + t.shape[-2:])
+
+    def idx(t):  # [*lead, K] -> [G, K]
+        return t.reshape(-1, t.shape[-1])
+
     g_out_x, g_out_s, g_src = [], [], []
-    rows = lambda t: t.reshape((-1,) + t.shape[-2:])  # noqa: E731  [*lead, N, C] -> [G, N, C]
-    idx = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [*lead, K] -> [G, K]
     for xs, ss, src_map, out, srcs, dsts, scores in zip(
             rows(x).double(), rows(size).double(), rows(source).double(), idx(plan.out_idx),
             idx(plan.src_idx), idx(plan.dst_idx), idx(plan.src_score)):
@@ -118,7 +122,7 @@ def _published_hybrid(x, size, source, plan, threshold):
 def test_hybrid_matches_the_published_rule(backend, lead, n, r, cls):
     g = torch.Generator().manual_seed(n)
     metric = torch.randn(lead + (n, 4), generator=g)
-    metric[..., 5, :] = metric[..., 3, :]  # a tie, and a destination that gets several sources
+    metric[..., 5, :] = metric[..., 3, :]  # twin B tokens: the lower takes the sources of both
     x = torch.randn(lead + (n, 5), generator=g)
     size = torch.randint(1, 5, lead + (n, 1), generator=g).float()
     source = torch.rand(lead + (n, n + 3), generator=g) > 0.7
