@@ -57,7 +57,9 @@ class Family:
     come from ("timm" or "transformers", imported only when patching); scheme: "st" (one
     sequence per clip) or "dst" (per frame, TimeSformer); parts: model -> Parts (a
     TypeError for a model of another family); block_forward / embed_forward: the patched
-    forwards (embed_forward None: no ``select=K``); rotary: tokens carry their (t, h, w)
+    forwards (embed_forward None: no ``select=K``); keys_step: (block, x, r) -> x, one
+    keys-only merge step of layer choice (``common.st_keys_step`` for a spatio-temporal
+    block, from its attention keys of LayerNorm(x)); rotary: tokens carry their (t, h, w)
     positions through merges (MergeState.positions); tiny: the test builder, () ->
     (model, input shape, the module whose weight is the patch embedding); bench: the e2e row.
     """
@@ -70,6 +72,7 @@ class Family:
     parts: Callable[[torch.nn.Module], Parts]
     block_forward: Callable
     tiny: Callable[[], Tuple[torch.nn.Module, Tuple[int, ...], torch.nn.Module]]
+    keys_step: Callable
     bench: Optional[Bench] = None
     embed_forward: Optional[Callable] = None
     rotary: bool = False

@@ -14,13 +14,13 @@ import inspect
 
 import torch
 
-from .common import CostModel, attend, grid_from, install, patched_class
+from .common import CostModel, attend, grid_from, install, patched_class, st_keys_step
 from .family import Bench, Family, Parts
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
     st = self._vt_state
-    if (attn_mask is not None or is_causal) and any(st.r_list):
+    if (attn_mask is not None or is_causal) and st.merging():
         raise ValueError("a patched timm ViT merges tokens, so attn_mask / is_causal cannot be used with r > 0")
     a = self.attn
     y = self.norm1(x)
@@ -44,6 +44,21 @@ def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = Fals
     x = st.merge(self._vt_index, x, st.key_metric(k))
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return x
+
+
+def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    """The block's attention keys [B, H, N, d] of x (layer choice's keys-only steps): the k
+    rows of the fused qkv projection of norm1(x), then k_norm."""
+    a = self.attn
+    y = self.norm1(x)
+    b, n, _ = y.shape
+    width = a.num_heads * a.head_dim
+    bias = None if a.qkv.bias is None else a.qkv.bias[width:2 * width]
+    k = torch.nn.functional.linear(y, a.qkv.weight[width:2 * width], bias)
+    return a.k_norm(k.reshape(b, n, a.num_heads, a.head_dim).transpose(1, 2))
+
+
+_keys_step = st_keys_step(_keys)
 
 
 def _forward_intermediates(self, *args, **kwargs):
@@ -70,8 +85,9 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     r: int, per-layer list or (r, inflect); later ``model.r = ...`` changes it. mode: the
     modes of vt.merge (threshold for "hybrid"); prop_attn: size bias in attention;
     metric: "mean" (keys averaged over heads) or "concat"; trace_source: keep the map of
-    original patches per token (for vtome_kernels.vis); layer: do all the schedule's
-    merging in that one block. Patching again only changes the options.
+    original patches per token (for vtome_kernels.vis); layer: layer choice, the
+    schedule's entries as successive merge steps inside that one block (keys-only steps,
+    then the block's own merge; API.md). Patching again only changes the options.
     """
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
@@ -123,6 +139,6 @@ def _bench(tiny):
 
 FAMILY = Family(
     name="timm", title="timm VisionTransformer", package="timm", scheme="st", patch=apply_patch,
-    parts=_parts, block_forward=_block_forward, tiny=_tiny,
+    parts=_parts, block_forward=_block_forward, tiny=_tiny, keys_step=_keys_step,
     bench=Bench("timm ViT-B/16 224", _bench, lambda t: (1, 3, 32, 32) if t else (1, 3, 224, 224), 16),
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .common import (CostModel, StateHook, attend, eager, has_hook, select_tokens, grid_from,
-                     heads_join, heads_split, install)
+                     heads_join, heads_split, install, st_keys_step)
 from .family import Bench, Family, Parts, hf_video_builder, split_head
 
 
@@ -42,6 +42,15 @@ def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     if st.weighted_pool and self._vt_index == st.depth - 1:
         st.last = out
     return out
+
+
+def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    """The layer's attention keys [B, H, N, d] of x (layer choice's keys-only steps)."""
+    sa = self.attention.attention
+    return heads_split(sa.key(self.layernorm_before(x)), sa.num_attention_heads)
+
+
+_keys_step = st_keys_step(_keys)
 
 
 def _embed_forward(self, pixel_values, bool_masked_pos=None):
@@ -135,6 +144,7 @@ def _tiny():
 FAMILY = Family(
     name="videomae", title="transformers VideoMAE (spatio-temporal)", package="transformers", scheme="st",
     patch=apply_patch, parts=_parts, block_forward=_layer_forward, embed_forward=_embed_forward, tiny=_tiny,
+    keys_step=_keys_step,
     bench=Bench("VideoMAE-B 16x224", hf_video_builder("VideoMAE", patch_size=8),
                 lambda t: (1, 4, 3, 32, 32) if t else (1, 16, 3, 224, 224), 150),
 )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import CostModel, attend, eager, grid_from, heads_join, heads_split, install, select_tokens
+from .common import (CostModel, attend, eager, grid_from, heads_join, heads_split, install, select_tokens,
+                     st_keys_step)
 from .family import Bench, Family, Parts, hf_video_builder, split_head
 
 
@@ -29,7 +30,7 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, *
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     st = self._vt_state
-    if attention_mask is not None and any(st.r_list):
+    if attention_mask is not None and st.merging():
         raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
     x = hidden_states
     a = self.attention
@@ -38,6 +39,15 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwa
     x = self.dropout(out) + x
     x = st.merge(self._vt_index, x, st.key_metric(k))
     return self.dropout(self.mlp(self.layernorm_after(x))) + x
+
+
+def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    """The layer's attention keys [B, H, N, d] of x (layer choice's keys-only steps)."""
+    a = self.attention
+    return heads_split(a.k_proj(self.layernorm_before(x)), a.num_attention_heads)
+
+
+_keys_step = st_keys_step(_keys)
 
 
 def _positions(emb, grid) -> torch.Tensor:
@@ -109,7 +119,7 @@ def _tiny():
 FAMILY = Family(
     name="vivit", title="transformers ViViT (spatio-temporal, class token protected)", package="transformers",
     scheme="st", patch=apply_patch, parts=_parts, block_forward=_layer_forward, embed_forward=_embed_forward,
-    tiny=_tiny,
+    tiny=_tiny, keys_step=_keys_step,
     bench=Bench("ViViT-B 32x224", hf_video_builder("Vivit", tubelet_size=[2, 8, 8]),
                 lambda t: (1, 4, 3, 32, 32) if t else (1, 32, 3, 224, 224), 300),
 )

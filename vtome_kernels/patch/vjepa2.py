@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .common import (CostModel, StateHook, attend, eager, grid_from, has_hook, heads_join, heads_split, install,
-                     select_tokens)
+                     select_tokens, st_keys_step)
 from .family import Bench, Family, Parts, split_head
 
 
@@ -63,6 +63,15 @@ def _layer_forward(self, hidden_states: torch.Tensor, position_mask=None, **kwar
     x = st.merge(self._vt_index, x, st.key_metric(k))
     x = self.drop_path(self.mlp(self.norm2(x))) + x
     return x, probs
+
+
+def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    """The layer's attention keys before rotation [B, H, N, d] of norm1(x) (layer choice's
+    keys-only steps: the merge metric, as in the layer itself)."""
+    return heads_split(self.attention.key(self.norm1(x)), self.attention.num_attention_heads)
+
+
+_keys_step = st_keys_step(_keys)
 
 
 def _embed_forward(self, pixel_values_videos: torch.Tensor):
@@ -195,6 +204,6 @@ def _bench(tiny: bool):
 FAMILY = Family(
     name="vjepa2", title="transformers V-JEPA 2 (spatio-temporal, rotary positions carried by the tokens)",
     package="transformers", scheme="st", patch=apply_patch, parts=_parts, block_forward=_layer_forward,
-    embed_forward=_embed_forward, rotary=True, tiny=_tiny,
+    embed_forward=_embed_forward, rotary=True, tiny=_tiny, keys_step=_keys_step,
     bench=Bench("V-JEPA 2 ViT-L 16x256", _bench, lambda t: (1, 4, 3, 32, 32) if t else (1, 16, 3, 256, 256), 71),
 )
