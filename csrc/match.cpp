@@ -230,11 +230,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(
   return {out_idx, src_idx, dst_pos, src_score};
 }
 
-TORCH_LIBRARY_FRAGMENT(vtome, m) {
-  m.def("match(Tensor metric, int r, bool class_token, bool distill_token) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(vtome, CPU, m) { m.impl("match", &match_cpu); }
 
 }  // namespace vtome

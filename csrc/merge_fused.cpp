@@ -25,11 +25,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_fus
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(vtome, m) {
-  m.def("merge_fused(Tensor x, Tensor? size, Tensor metric, int r, bool class_token, "
-        "bool distill_token) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(vtome, CPU, m) { m.impl("merge_fused", &merge_fused_cpu); }
 
 }  // namespace vtome

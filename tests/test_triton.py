@@ -49,7 +49,7 @@ def _ieee_scores(metric: torch.Tensor, class_token: bool, distill_token: bool) -
 
 # -- availability -----------------------------------------------------------------------
 def test_supports_only_when_asked(monkeypatch):
-    backend = importlib.import_module("vtome_kernels.triton")
+    backend = importlib.import_module("vtome_kernels.triton.backend")
     assert backend.status()[0]
     assert backend.supports("cpu") is None
     assert "TRITON_INTERPRET" in backend.supports("cuda")  # interpreter: CPU tensors only
@@ -287,28 +287,24 @@ def test_no_score_matrix_is_allocated():
 def test_opcheck():
     from torch.library import opcheck
 
-    import vtome_kernels.triton.attention  # noqa: F401  (importing registers the custom ops,
-    import vtome_kernels.triton.match  # noqa: F401   so this test also passes on its own)
-    import vtome_kernels.triton.merge  # noqa: F401
-
     g = torch.Generator().manual_seed(0)
     metric = torch.randn(2, 11, 4, generator=g)
-    opcheck(torch.ops.vtome_kernels.triton_match.default, (metric, 4, True, False))
+    opcheck(torch.ops.vtome.match.default, (metric, 4, True, False))
     out_idx, src_idx, dst_pos, _ = resolve("triton", "match", metric.device).match(
         metric, 4, True, False)
     x = torch.randn(2, 11, 5, generator=g, requires_grad=True)
     size = torch.randint(1, 4, (2, 11, 1), generator=g).float().requires_grad_()
     merged = torch.rand(2, 4, generator=g) > 0.5
     for src_merged in (None, merged):
-        opcheck(torch.ops.vtome_kernels.triton_merge.default,
+        opcheck(torch.ops.vtome.merge.default,
                 (x, size, out_idx, src_idx, dst_pos, src_merged))
-    opcheck(torch.ops.vtome_kernels.triton_merge_source.default,
+    opcheck(torch.ops.vtome.merge_source.default,
             (torch.eye(11).expand(2, 11, 11).contiguous(), out_idx, src_idx, dst_pos, merged))
     y = torch.randn(2, 7, 5, generator=g, requires_grad=True)
-    opcheck(torch.ops.vtome_kernels.triton_unmerge.default, (y, out_idx, src_idx, dst_pos, 11))
+    opcheck(torch.ops.vtome.unmerge.default, (y, out_idx, src_idx, dst_pos, 11))
     q, k, v = (torch.randn(1, 2, 9, 32, generator=g, requires_grad=True) for _ in range(3))
     for s in (None, torch.randint(1, 4, (1, 9, 1), generator=g).float()):
-        opcheck(torch.ops.vtome_kernels.triton_prop_attention.default, (q, k, v, s, 0.25))
+        opcheck(torch.ops.vtome.prop_attention.default, (q, k, v, s, 0.25))
 
 
 def test_torch_compile_fullgraph():

@@ -19,7 +19,7 @@ import torch
 _MODULES = {
     "reference": "vtome_kernels.reference",
     "cpp": "vtome_kernels.cpp",
-    "triton": "vtome_kernels.triton",
+    "triton": "vtome_kernels.triton.backend",
 }
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 NAMES = ("auto",) + tuple(_MODULES)
