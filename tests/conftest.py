@@ -25,6 +25,10 @@ import pytest  # noqa: E402
 # ("auto", the benchmark providers) and nothing else runs the slow interpreter.
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
+    try:  # imported now, so no later test (with the variable unset) imports it compiled
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
