@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import ops, reference
-from .ops import match, merge, merge_fused, merge_source, select, unmerge  # noqa: F401  (the stages)
+from .ops import match, merge, merge_fused, merge_source, select, select_scores, unmerge  # noqa: F401
 
 NAME = "cpp"
 

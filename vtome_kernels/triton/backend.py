@@ -24,7 +24,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _checks, ops
-from ..ops import match, merge, merge_fused, merge_source, prop_attention, select, unmerge  # noqa: F401
+from ..ops import (match, merge, merge_fused, merge_source, prop_attention, select,  # noqa: F401
+                   select_scores, unmerge)
 from . import interpreting
 
 NAME = "triton"
