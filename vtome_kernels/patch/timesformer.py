@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import CostModel, attend, grid_from, heads_join, heads_split, install
+from .common import CostModel, attend, grid_from, heads_join, install
 from .family import Bench, Family, Parts, hf_video_builder, split_head
 
 
