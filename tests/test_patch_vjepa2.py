@@ -105,11 +105,13 @@ def test_index_positions_are_the_models():
     torch.testing.assert_close(library(ids, 4), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layer", [None, 1])
 @pytest.mark.parametrize("positions", ["dst", "mean"])
-def test_positions_after_merging(tiny, positions):
+def test_positions_after_merging(tiny, positions, layer):
     """"mean": every token's position is the size-weighted mean of its patches' (source map
-    times the original positions over the size); "dst": one of its own patches'."""
-    model, x = patched(tiny, r=[6, 4, 3], positions=positions, trace_source=True)
+    times the original positions over the size); "dst": one of its own patches'. Also with
+    layer choice (keys-only merge steps before block 1 carry the positions too)."""
+    model, x = patched(tiny, r=[6, 4, 3], positions=positions, trace_source=True, layer=layer)
     with torch.no_grad():
         logits(model, x)
     st = model._vt
