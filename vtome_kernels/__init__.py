@@ -2,7 +2,7 @@
 
 Public API (API.md): ``merge``, ``match`` (a ``MergePlan``), ``prop_attention``,
 ``backends``, ``select`` (FluxViT selection to a token budget), ``grids`` (sampling grids
-for a budget), the model patches ``patch`` and the pictures ``vis``. Importing the package
+for a budget), ``flux`` and ``resample`` (FluxViT's flexible sampling for training), the model patches ``patch`` and the pictures ``vis``. Importing the package
 defines the vtome:: ops (ops.py) and registers their kernels (the C++ extension for CPU,
 thin functions that load the Triton kernels on first call for CUDA); it imports neither
 Triton, torch._dynamo, timm nor transformers, and touches no GPU.
@@ -13,6 +13,7 @@ from . import cpp, triton  # noqa: F401  their kernels for CPU (C++) and CUDA (T
 from . import patch, vis  # noqa: E402  (light: timm/transformers load on first patch)
 from .attention import prop_attention
 from .backends import BackendUnavailableError, backends
+from .flux import Draw, Flux, flux, resample
 from .grid import Grid, grids
 from .merge import MergePlan, match, merge
 from .select import select
@@ -21,14 +22,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "Draw",
+    "Flux",
     "Grid",
     "MergePlan",
     "backends",
+    "flux",
     "grids",
     "match",
     "merge",
     "patch",
     "prop_attention",
+    "resample",
     "select",
     "vis",
 ]
