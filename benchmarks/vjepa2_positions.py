@@ -124,7 +124,7 @@ def index_derived(model) -> None:
         out = merge(state, i, x, metric)
         if out.shape[-2] != x.shape[-2]:
             ids = torch.arange(out.shape[-2], device=out.device).expand(out.shape[0], -1)
-            state.positions = index_positions(ids, model.config.crop_size // model.config.patch_size)
+            state.positions = index_positions(ids, state.grid[1], state.grid[2])
         return out
 
     state.merge = forget

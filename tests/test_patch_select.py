@@ -92,11 +92,94 @@ def test_vivit_denser_grid_interpolates_positions():
     assert torch.equal(_positions(emb, emb._vt_grid0), emb.position_embeddings[0, 1:])
 
 
-def test_videomae_other_grid_is_a_clear_error():
+def test_videomae_table_for_the_config_grid_is_the_librarys():
+    from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+    from vtome_kernels.patch.videomae import _positions, sinusoid_table
+
     model, x, patch, _ = build("videomae")
-    patch(model, r=0, select=8)
-    with pytest.raises(ValueError, match="fixed sinusoidal positions"):
-        logits(model, torch.randn(1, 8, 3, 32, 32))
+    patch(model, r=0)
+    emb = model.videomae.embeddings
+    assert emb._vt_grid0 == (2, 4, 4)
+    assert torch.equal(sinusoid_table((2, 4, 4), (2, 4, 4), 32), emb.position_embeddings[0])
+    assert torch.equal(_positions(emb, (2, 4, 4)), emb.position_embeddings[0])
+    for grid, dim in [((8, 14, 14), 768), ((3, 5, 7), 96)]:  # the base model's grid; odd sizes
+        assert torch.equal(sinusoid_table(grid, grid, dim), get_sinusoid_encoding_table(grid[0] * grid[1] * grid[2], dim)[0])
+
+
+def test_videomae_table_on_another_grid_maps_centres_onto_the_config_grid():
+    from vtome_kernels.patch.videomae import sinusoid_table
+
+    grid, grid0, dim = (4, 6, 3), (2, 4, 4), 32
+    t, h, w = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    flat = ((t + 0.5) * 2 / 4 - 0.5) * 16 + ((h + 0.5) * 4 / 6 - 0.5) * 4 + ((w + 0.5) * 4 / 3 - 0.5)
+    j = torch.arange(dim, dtype=torch.float64)
+    angle = flat.reshape(-1, 1) / 10000 ** (2 * (j // 2) / dim)
+    want = torch.where(j % 2 == 0, angle.sin(), angle.cos()).float()
+    torch.testing.assert_close(sinusoid_table(grid, grid0, dim), want, rtol=0, atol=1e-6)
+
+
+ANY_GRID = ["videomae", "vivit", "vjepa2"]
+
+
+@pytest.mark.parametrize("family", ANY_GRID)
+@pytest.mark.parametrize("shape", [(2, 8, 3, 48, 48), (2, 6, 3, 24, 40)])  # denser; fewer, non-square
+def test_any_grid_select_keeps_the_budget_and_merging_composes(family, shape):
+    model, x, patch, embed = build(family)
+    x = torch.randn(shape)
+    k = 16
+    patch(model, r=2, select=k)
+    counts = vt.patch.token_counts(model, x.shape)
+    extra = int(family == "vivit")
+    assert counts[0] == k + extra and counts[1] == counts[0] - 2
+    seen = []
+    for blk in blocks(model):
+        blk.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
+                                      with_kwargs=True)
+    model.train()
+    out = logits(model, x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    t, h, w = model._vt.grid
+    assert (t, h, w) == (shape[1] // 2, shape[3] // 8, shape[4] // 8)
+    assert seen == counts[:-1]
+    out.square().mean().backward()
+    assert embed.weight.grad is not None and embed.weight.grad.abs().sum() > 0
+
+
+def test_videomae_any_grid_without_select():
+    """No select: every tubelet of the clip's grid with the grid's positions; the same as
+    select keeping everything; a bool_masked_pos keeps the visible ones."""
+    model, _, patch, _ = build("videomae")
+    x = torch.randn(2, 8, 3, 40, 24)
+    patch(model, r=0)
+    with torch.no_grad():
+        want = logits(model, x)
+        patch(model, r=0, select=10_000)
+        torch.testing.assert_close(logits(model, x), want, rtol=0, atol=1e-5)
+        patch(model, r=2)
+        assert torch.isfinite(logits(model, x)).all()
+        patch(model, r=0)
+        mask = torch.zeros(2, 4 * 5 * 3, dtype=torch.bool)
+        mask[:, ::3] = True
+        out = model.videomae(x, bool_masked_pos=mask).last_hidden_state
+    assert out.shape == (2, 40, 32)
+
+
+def test_vjepa2_other_resolution_carries_the_clips_rows_and_columns():
+    from vtome_kernels.patch.vjepa2 import index_positions
+
+    model, _, patch, _ = build("vjepa2")
+    x = torch.randn(1, 4, 3, 48, 24)  # 6 x 3 patches a frame (the config: 4 x 4)
+    patch(model, r=0)
+    with torch.no_grad():
+        model.vjepa2(x, skip_predictor=True)
+    pos = model._vt.positions
+    assert pos.shape == (1, 36, 3)
+    want = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(6), torch.arange(3), indexing="ij"), -1)
+    assert torch.equal(pos[0], want.reshape(-1, 3).float())
+    patch(model, r=0, select=10)
+    with torch.no_grad():
+        model.vjepa2(x, skip_predictor=True)
+    assert torch.equal(model._vt.positions, index_positions(model._vt.kept, 6, 3))
 
 
 @pytest.mark.parametrize("family, kwargs, err, words", [

@@ -102,7 +102,7 @@ def test_index_positions_are_the_models():
     want = torch.stack((f[:, 0], h[:, 0], w[:, 0]), -1).float()
     from vtome_kernels.patch.vjepa2 import index_positions as library
 
-    torch.testing.assert_close(library(ids, 4), want, rtol=0, atol=0)
+    torch.testing.assert_close(library(ids, 4, 4), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layer", [None, 1])

@@ -53,22 +53,63 @@ def _keys(self, x: torch.Tensor) -> torch.Tensor:
 _keys_step = st_keys_step(_keys)
 
 
+def sinusoid_table(grid, grid0, dim: int) -> torch.Tensor:
+    """VideoMAE's sinusoidal positions [T'·h·w, dim] float32 for a token grid (T', h, w).
+
+    The library's table is a 1-D sinusoid of a token's flat index on the config grid
+    ``grid0`` (get_sinusoid_encoding_table). For another grid every token's centre is
+    mapped onto the config grid, (t + ½)·T0/T' − ½ and alike for rows and columns, and
+    the sinusoid evaluated at the flat index that (fractional) position has; on the config
+    grid that is the library's table, bit for bit (same float64 arithmetic)."""
+    import numpy as np
+
+    (t, h, w), (t0, h0, w0) = grid, grid0
+
+    def centres(n, n0):
+        return (np.arange(n, dtype=np.float64) + 0.5) * (n0 / n) - 0.5
+
+    ct, ch, cw = centres(t, t0), centres(h, h0), centres(w, w0)
+    flat = (ct[:, None, None] * (h0 * w0) + ch[None, :, None] * w0 + cw[None, None, :]).reshape(-1)
+    denom = np.array([np.power(10000, 2 * (j // 2) / dim) for j in range(dim)])
+    table = flat[:, None] / denom[None, :]
+    table[:, 0::2] = np.sin(table[:, 0::2])
+    table[:, 1::2] = np.cos(table[:, 1::2])
+    return torch.FloatTensor(table)
+
+
+def _positions(emb, grid) -> torch.Tensor:
+    """The positions [N, C] of a grid: the library's own table on the config grid, the
+    mapped sinusoid (``sinusoid_table``) on another one, cached per grid."""
+    if tuple(grid) == emb._vt_grid0:
+        return emb.position_embeddings[0]
+    cache = emb.__dict__.setdefault("_vt_tables", {})
+    if tuple(grid) not in cache:
+        if len(cache) >= 16:
+            cache.clear()
+        cache[tuple(grid)] = sinusoid_table(grid, emb._vt_grid0, emb.position_embeddings.shape[-1])
+    return cache[tuple(grid)]
+
+
 def _embed_forward(self, pixel_values, bool_masked_pos=None):
-    """VideoMAEEmbeddings with select=K: keep K tubelet tokens, then add their positions."""
+    """VideoMAEEmbeddings on any grid its tubelet convolution takes (the library's
+    forward, unchanged, on the config grid without select), positions for the clip's grid;
+    with select=K, keep K tubelet tokens, then add their positions."""
     st = self._vt_state
-    if st.select is None:
+    if st.select is None and tuple(st.grid) == self._vt_grid0:
         return self._vt_base.forward(self, pixel_values, bool_masked_pos)
-    if bool_masked_pos is not None:
+    if st.select is not None and bool_masked_pos is not None:
         raise ValueError("select=K and bool_masked_pos cannot be combined: both choose the visible tokens")
-    pos = self.position_embeddings
-    n = st.grid[0] * st.grid[1] * st.grid[2]
-    if n != pos.shape[1] or tuple(pixel_values.shape[-2:]) != tuple(self.patch_embeddings.image_size):
-        raise ValueError(
-            f"VideoMAE has fixed sinusoidal positions for its config grid ({pos.shape[1]} tubelets of "
-            f"{self.config.num_frames} frames at {self.config.image_size}px); select=K cannot run it on a "
-            f"different grid, got input {tuple(pixel_values.shape)} ({n} tubelets)")
-    patches = self.patch_embeddings(pixel_values)
-    return select_tokens(st, patches, pos[0].detach().to(patches.device), extra=0)
+    pe = self.patch_embeddings
+    if pixel_values.dim() != 5 or pixel_values.shape[2] != pe.num_channels:
+        raise ValueError(f"VideoMAE input must be [B, T, {pe.num_channels}, H, W], got {tuple(pixel_values.shape)}")
+    patches = pe.projection(pixel_values.permute(0, 2, 1, 3, 4)).flatten(2).transpose(1, 2)
+    pos = _positions(self, st.grid).detach().to(patches.device)
+    if st.select is not None:
+        return select_tokens(st, patches, pos, extra=0)
+    x = patches + pos.to(patches.dtype)
+    if bool_masked_pos is not None:
+        x = x[~bool_masked_pos].reshape(x.shape[0], -1, x.shape[-1])
+    return x
 
 
 class _WeightedPool(StateHook):
@@ -92,7 +133,8 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     VideoMAEForVideoClassification with mean pooling): size-weighted final average.
     select=K: FluxViT selection of K tubelet tokens before the first block (vt.select on
     the patch embeddings, groups select_groups; the positions of the kept tokens added
-    after). VideoMAE's positions are fixed for its config grid, so the input must be that grid.
+    after). Any grid the tubelet convolution takes runs (other frames, another resolution):
+    the sinusoidal positions are built for the clip's grid (``sinusoid_table``).
     """
     if not isinstance(weighted_pool, bool):
         raise TypeError(f"weighted_pool must be a bool, got {type(weighted_pool).__name__}")
@@ -122,6 +164,7 @@ def _parts(model) -> Parts:
     cost = CostModel("st", dim=cfg.hidden_size, mlp=cfg.intermediate_size, heads=cfg.num_attention_heads,
                      in_per_token=cfg.num_channels * tube * ph * pw)
     blocks = list(base.encoder.layer)
+    base.embeddings._vt_grid0 = (cfg.num_frames // tube, pe.image_size[0] // ph, pe.image_size[1] // pw)
 
     def extra(state):
         norm = head.fc_norm if head is not None else None

@@ -25,14 +25,16 @@ from .common import (CostModel, StateHook, attend, eager, grid_from, has_hook, h
 from .family import Bench, Family, Parts, split_head
 
 
-def index_positions(ids: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """(t, h, w) [B, N, 3] float32 of token ids [B, N], derived as the model derives them
-    (VJEPA2RopeAttention.get_position_ids, on the config's grid_size = crop_size // patch_size,
-    whatever the input's resolution)."""
-    per_frame = grid_size * grid_size
+def index_positions(ids: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(t, h, w) [B, N, 3] float32 of token ids [B, N] on a grid of rows x cols patches a
+    frame. On the config's grid (crop_size // patch_size a side) this is how the model
+    derives them (VJEPA2RopeAttention.get_position_ids); on a clip of another resolution
+    the model still divides by the config's row length (scrambling rows), the patch uses
+    the clip's own rows and columns."""
+    per_frame = rows * cols
     t = ids // per_frame
-    h = (ids - t * per_frame) // grid_size
-    w = ids - t * per_frame - h * grid_size
+    h = (ids - t * per_frame) // cols
+    w = ids - t * per_frame - h * cols
     return torch.stack((t, h, w), dim=-1).float()
 
 
@@ -89,7 +91,7 @@ def _embed_forward(self, pixel_values_videos: torch.Tensor):
         ids = st.kept
     else:
         ids = torch.arange(n, device=x.device).expand(b, n)
-    st.positions = index_positions(ids, self.config.crop_size // self.config.patch_size)
+    st.positions = index_positions(ids, h, w)
     return x
 
 
