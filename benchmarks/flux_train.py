@@ -257,7 +257,7 @@ def _main(args) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.flux_train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400, help="training steps of each model (default 400)")
+    ap.add_argument("--steps", type=int, default=600, help="training steps of each model (default 600)")
     ap.add_argument("--batch", type=int, default=32, help="clips per step, all ranks together (default 32)")
     ap.add_argument("--held-out", type=int, default=500, help="validation and test clips each (default 500)")
     ap.add_argument("--width", type=int, default=64)

@@ -32,5 +32,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     vt, model, clip = ns["vt"], ns["model"], ns["clip"]
     assert vt.patch.token_counts(model, clip.shape, 150)[:2] == [1568, 1418]
     assert vt.patch.token_counts(model, clip.shape, 150)[-1] == 28
+    draw, sampler = ns["draw"], ns["sampler"]  # Train for every budget
+    assert draw.step == 1 and draw.grid in sampler.grids[draw.budget] and ns["loss"].ndim == 0
     for name in ("merged.png", "merged.gif"):
         assert (tmp_path / name).stat().st_size > 0
