@@ -193,8 +193,14 @@ def _select_variants(add) -> None:
         add(Variant("_topk_gather_kernel", "select", f"select top-K + gather, T={t} L={l} ({groups} groups)",
                     _sig("score_ptr x_ptr kept_ptr index_ptr G NG W K",
                          {"score_ptr": "*fp32", "x_ptr": "*i64", "kept_ptr": "*i64", "index_ptr": "*i64"}),
-                    (("BLOCK_N", triton.next_power_of_2(ng)), ("BLOCK_R", sel._BLOCK_R),
+                    (("BLOCK_N", sel.topk_block_n(ng)), ("BLOCK_R", sel._BLOCK_R),
                      ("BLOCK_W", sel._BLOCK_W), ("NAN_KEY", sel._NAN_KEY)), num_warps=sel._GATHER_WARPS))
+    # groups above BLOCK_N_MAX patches (denser clips) all run this one: the search is bounded
+    add(Variant("_topk_gather_kernel", "select", f"select top-K + gather, groups of > {sel.BLOCK_N_MAX} patches",
+                _sig("score_ptr x_ptr kept_ptr index_ptr G NG W K",
+                     {"score_ptr": "*fp32", "x_ptr": "*i64", "kept_ptr": "*i64", "index_ptr": "*i64"}),
+                (("BLOCK_N", sel.BLOCK_N_MAX), ("BLOCK_R", sel._BLOCK_R),
+                 ("BLOCK_W", sel._BLOCK_W), ("NAN_KEY", sel._NAN_KEY)), num_warps=sel._GATHER_WARPS))
 
 
 def _ptxas() -> str:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting, launch
+from . import large_tiles, launch
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 def match_blocks(na: int, nb: int):
     """Tiles of the match kernel: large under the interpreter (fewer Python-level steps)."""
-    if interpreting():
+    if large_tiles():
         return _pow2(na, 16, 256), _pow2(nb, 16, 256)
     return 64, 64
 
@@ -224,7 +224,7 @@ def match_block_d(d: int) -> int:
 
 def rank_blocks(na: int):
     """(BLOCK_I, BLOCK_J): tokens per program, tokens per counting step."""
-    if interpreting():
+    if large_tiles():
         return _pow2(na, 16, 1024), _pow2(na, 16, 1024)
     return 32, 128
 
