@@ -181,7 +181,10 @@ def check_merge(case: MergeCase, dtype, device) -> List[Check]:
     up = (torch.randn(exp[0].shape, generator=g).to(dtype), torch.randn(exp[1].shape, generator=g))
     grads = torch.autograd.grad(got, leaves, [u.to(device) for u in up])
     want_grads = torch.autograd.grad(exp, ref_leaves, up)
-    add("merge backward", _compare(grads, want_grads, False, atol, rtol))
+    # The size gradient sums C products with the rounded merged x: its rounding grows with C.
+    ok_x, why_x = _compare(grads[:1], want_grads[:1], False, atol, rtol)
+    ok_s, why_s = _compare(grads[1:], want_grads[1:], False, atol * case.x[-1] ** 0.5, rtol)
+    add("merge backward", (ok_x and ok_s, f"x: {why_x}; size: {why_s}"))
     add("merge_source", _compare([plan.merge_source()], [want.merge_source()], True))
     y = exp[0].detach()
     yd = y.to(device).requires_grad_()
