@@ -9,9 +9,11 @@
     match (the plan bit for bit, ties included), merge and its backward, merge_source,
     unmerge and its backward, prop_attention and its backward, select; at the GPU tile
     sizes, on the paper shapes and odd shapes, in float32, bfloat16 and float16;
-(b) the main merge table (``python -m benchmarks``) on CUDA: tome-eager, tome-compiled,
-    floor, vt-triton, vt-reference, timed with CUDA events and a cold L2, every result
-    checked against the reference before timing;
+(b) the main merge table (``python -m benchmarks``) on CUDA, float32 and bfloat16:
+    tome-eager, tome-compiled, floor, vt-triton, vt-reference, timed with CUDA events and a
+    cold L2, every result checked against the reference before timing; and
+    prop_attention's Triton kernel against the reference in float32 and bfloat16 (the
+    measurement behind "auto"'s per-dtype choice);
 (c) the select table (``python -m benchmarks.select``) on CUDA, results checked likewise;
 (d) end to end: VideoMAE-B, ViViT-B and TimeSformer-B (random weights) in bfloat16 at batch
     8, unpatched against patched (and patched at r=0 against unpatched, checked first),
@@ -35,7 +37,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -258,9 +260,43 @@ def checks_table(checks: List[Check]) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# (b) the attention choice of "auto" (vtome_kernels/attention.py, IEEE_DTYPES), measured
+# --------------------------------------------------------------------------------------
+ATTN_SHAPES = (("VideoMAE-B b8 after one merge", (8, 12, 1418, 64)),
+               ("ViViT-B b1", (1, 12, 3137, 64)),
+               ("TimeSformer-B b8 temporal", (8 * 178, 12, 8, 64)))
+
+
+def attention_table(device: torch.device, rounds: int, shapes=ATTN_SHAPES) -> str:
+    """prop_attention forward, Triton kernel against the reference (SDPA with the bias as
+    mask), float32 and bfloat16: the numbers behind "auto"'s per-dtype choice."""
+    import vtome_kernels as vt
+
+    from .harness import median_ms, time_interleaved
+
+    lines = ["| shape | dtype | triton ms | reference ms | reference / triton | auto picks |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, (b, h, n, d) in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
+            size = torch.randint(1, 8, (b, n, 1), device=device).float()
+            fns = {be: (lambda be=be: vt.prop_attention(q, k, v, size, backend=be)) for be in ("triton", "reference")}
+            med = {be: median_ms(t) for be, t in time_interleaved(fns, device, rounds).items()}
+            from vtome_kernels.attention import IEEE_DTYPES
+
+            pick = "reference" if dtype in IEEE_DTYPES else "triton"
+            lines.append(f"| {name} [{b}, {h}, {n}, {d}] | {_name(dtype)} | {med['triton']:.3f} | "
+                         f"{med['reference']:.3f} | {med['reference'] / med['triton']:.2f} | {pick} |")
+            progress(lines[-1])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
 # (d) end to end on CUDA
 # --------------------------------------------------------------------------------------
-def e2e_rows(device: torch.device, batch: int = 8, rounds: int = 10, dtype=torch.bfloat16) -> List[dict]:
+def e2e_rows(device: torch.device, batch: int = 8, rounds: int = 10, dtype=torch.bfloat16,
+             tiny: bool = False) -> List[dict]:
+    """Unpatched against patched, interleaved; tiny: the smoke-test models (tests)."""
     import copy
 
     import vtome_kernels as vt
@@ -272,9 +308,9 @@ def e2e_rows(device: torch.device, batch: int = 8, rounds: int = 10, dtype=torch
     for case in CASES[:3]:  # VideoMAE-B, ViViT-B, TimeSformer-B
         progress(f"(d) {case.name} r={case.r}, batch {batch}, {_name(dtype)}")
         torch.manual_seed(0)
-        base = case.build(False).eval().to(device=device, dtype=dtype)
+        base = case.build(tiny).eval().to(device=device, dtype=dtype)
         patched = case.patch(copy.deepcopy(base), r=case.r)
-        shape = (batch,) + case.shape(False)[1:]
+        shape = (batch,) + case.shape(tiny)[1:]
         x = torch.randn(shape, device=device, dtype=dtype)
         with torch.inference_mode():
             patched.r = 0  # the patch alone changes nothing: checked before timing
@@ -291,7 +327,8 @@ def e2e_rows(device: torch.device, batch: int = 8, rounds: int = 10, dtype=torch
                          patched_finite=finite))
         progress(f"    unpatched {ms0:.2f} ms, patched {ms1:.2f} ms: {ms0 / ms1:.2f}x (FLOPs imply {ratio:.2f}x)")
         del base, patched
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -386,6 +423,11 @@ def main(argv=None) -> int:
             sections.append((f"(b) Merge table, {_name(dtype)} (CUDA events, cold L2, results checked)", table))
             data[f"merge_table_{_name(dtype)}"] = table
             print(f"(b) merge table {_name(dtype)}:\n{table}\n")
+        table = attention_table(device, args.rounds)
+        sections.append(("(b) prop_attention forward: Triton against the reference (auto's per-dtype choice)",
+                         table))
+        data["attention_table"] = table
+        print(f"(b) attention:\n{table}\n")
 
     if "c" in parts:
         from .select import paper_shapes, select_table

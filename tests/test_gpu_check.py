@@ -52,3 +52,16 @@ def test_the_whole_check_passes_compiled(tmp_path):
     proc = _run([], False, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert json.loads((tmp_path / "report.json").read_text())["all_agree"]
+
+
+def test_parts_b_and_d_run_on_cpu_at_smoke_sizes(triton_interpret):
+    """The code of parts (b) (attention) and (d) runs here too, on CPU at tiny sizes, so the
+    day a GPU is lent does not find a typo in it (the timings mean nothing here)."""
+    from benchmarks import gpu
+
+    table = gpu.attention_table(torch.device("cpu"), 1, shapes=(("tiny", (1, 2, 20, 16)),))
+    assert table.count("| tiny [1, 2, 20, 16] |") == 2 and "| float32 | " in table
+    rows = gpu.e2e_rows(torch.device("cpu"), batch=1, rounds=1, dtype=torch.float32, tiny=True)
+    assert [w["model"].split()[0] for w in rows] == ["VideoMAE-B", "ViViT-B", "TimeSformer-B"]
+    assert all(w["r0_matches_unpatched"] and w["patched_finite"] and w["flop_ratio"] > 1 for w in rows)
+    assert gpu.e2e_table(rows).count("\n") == 4

@@ -133,3 +133,27 @@ def test_the_cuda_path_does_not_sync_with_the_host(launches):
 def test_sizes_check_stays_eager_on_cpu():
     with pytest.raises(ValueError, match="size must be positive everywhere, got min 0"):
         vt.merge(torch.randn(1, 8, 4), torch.zeros(1, 8, 1), 2, backend="reference")
+
+
+def test_auto_attention_on_cuda_by_dtype(monkeypatch):
+    """float32 / float64 go to the reference (SDPA), bfloat16 / float16 to the Triton kernel
+    (docs/DESIGN.md, "auto and float32 attention on CUDA")."""
+    import types
+
+    import vtome_kernels.attention as attention
+
+    chosen = []
+
+    def resolve(backend, op, device):
+        module = attention.resolve.__wrapped__(backend, op, device)
+        chosen.append(module.__name__)
+        return types.SimpleNamespace(prop_attention=lambda q, *args: q)
+
+    resolve.__wrapped__ = attention.resolve
+    monkeypatch.setattr(attention, "resolve", resolve)
+    with FakeTensorMode():
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            q = torch.randn(1, 2, 8, 16, device=DEVICE, dtype=dtype)
+            vt.prop_attention(q, q, q, None)
+        vt.prop_attention(q.float(), q.float(), q.float(), None, backend="triton")  # by name: as asked
+    assert chosen == ["vtome_kernels.reference"] * 2 + ["vtome_kernels.triton"] * 3
