@@ -2,7 +2,8 @@
 
 Under the interpreter the launches normally pick tiles so large that a test shape fits in
 one; here the shapes are a little larger than the GPU tiles, so the paths between tiles
-run: argmax ties across B tiles and many rank programs per group (match), several source
+run: argmax ties across B tiles and B slices, the radix select and many rank programs per
+group (match), several source
 and channel blocks (merge and its backward), online-softmax rescaling across key blocks
 (attention, float16 operands straight into tl.dot), several score steps and row blocks of
 the top-K search (select). Every result is compared with the reference; what the
@@ -37,11 +38,15 @@ def _same_plan(plan, want):
         assert torch.equal(getattr(plan, name), getattr(want, name)), name
 
 
-@pytest.mark.parametrize("class_token", [False, True])
-def test_match_ties_across_b_tiles(class_token):
+@pytest.mark.parametrize("class_token,wave,grid", [(False, 264, (3, 3, 1)), (True, 12, (3, 2, 2))])
+def test_match_ties_across_b_tiles(monkeypatch, class_token, wave, grid):
+    """Ties between B tiles in one program (B_STEPS > 1) and across programs (B slices
+    combined by the packed atomic max): the lowest B index wins either way."""
     match = _kernels("match")
+    monkeypatch.setattr(match, "WAVE", wave)
     n, d = 2 * 150, 8
     assert match.match_blocks(150, 150) == (64, 64) and match.rank_blocks(150) == (32, 128)
+    assert match.match_grid(2, 150, 150) == grid  # (A tiles, B slices, B tiles per slice)
     g = torch.Generator().manual_seed(1)
     metric = torch.randn(2, n, d, generator=g)
     metric[:, 1 + 2 * 100] = metric[:, 1 + 2 * 10]  # B tokens 10 and 100 (tiles 0 and 1) alike

@@ -197,6 +197,20 @@ def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
     return upcast, prec, acc, bm, bn, bd, 4
 
 
+def bwd_kv_config(dtype: torch.dtype, bm: int, bd: int, warps: int):
+    """(BLOCK_M, warps) of the dk/dv kernel, which holds four [BLOCK_N, d] tiles (k, v, dk,
+    dv) across its loop: half the query step for bfloat16 / float16 at d <= 64, twice the
+    warps for float32, so it compiles spill-free as Triton specialises it at run time
+    (unit strides, multiples of 16; benchmarks/kernel_report.py)."""
+    if large_tiles():
+        return bm, warps
+    if dtype in (torch.float32, torch.float64):
+        return bm, 2 * warps
+    if bd <= 64:
+        return min(bm, 32), warps
+    return bm, warps
+
+
 def _size_args(size, ref: torch.Tensor):
     """(pointer, batch stride, key stride) of the sizes; any tensor and 0s when size is None."""
     if size is None:
@@ -242,8 +256,9 @@ def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
     common = (*q.stride(), *k.stride(), *v.stride(), ssb, ssn, h, nq, nk, d, *_scale_args(scale, q))
     meta = dict(HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=warps)
+    bm_kv, warps_kv = bwd_kv_config(q.dtype, bm, bd, warps)
     launch(_attn_bwd_kv_kernel, (b * h * triton.cdiv(nk, bn),),
-           q, k, v, s, dout, lse, delta, dk, dv, *common, **meta)
+           q, k, v, s, dout, lse, delta, dk, dv, *common, **{**meta, "BLOCK_M": bm_kv, "num_warps": warps_kv})
     launch(_attn_bwd_q_kernel, (b * h * triton.cdiv(nq, bm),),
            q, k, v, s, dout, lse, delta, dq, *common, **meta)
     return dq, dk, dv
