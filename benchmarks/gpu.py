@@ -314,7 +314,9 @@ def e2e_rows(device: torch.device, batch: int = 8, rounds: int = 10, dtype=torch
         x = torch.randn(shape, device=device, dtype=dtype)
         with torch.inference_mode():
             patched.r = 0  # the patch alone changes nothing: checked before timing
-            same = torch.allclose(_run(patched, x).float(), _run(base, x).float(), atol=5e-2, rtol=5e-2)
+            want = _run(base, x).float()
+            err = ((_run(patched, x).float() - want).norm() / want.norm().clamp_min(1e-6)).item()
+            same = err < 2e-2  # bfloat16 rounding through 12 layers, not a different model
             patched.r = case.r
             finite = bool(torch.isfinite(_run(patched, x)).all())
             times = time_interleaved({"unpatched": lambda: _run(base, x), "patched": lambda: _run(patched, x)},
@@ -323,7 +325,7 @@ def e2e_rows(device: torch.device, batch: int = 8, rounds: int = 10, dtype=torch
         ratio = vt.patch.flops(patched, shape, 0) / vt.patch.flops(patched, shape)
         rows.append(dict(model=case.name, r=case.r, batch=batch, dtype=_name(dtype), unpatched_ms=ms0,
                          patched_ms=ms1, speedup=ms0 / ms1, flop_ratio=ratio,
-                         speedup_over_flop_ratio=ms0 / ms1 / ratio, r0_matches_unpatched=same,
+                         speedup_over_flop_ratio=ms0 / ms1 / ratio, r0_matches_unpatched=same, r0_rel_err=err,
                          patched_finite=finite))
         progress(f"    unpatched {ms0:.2f} ms, patched {ms1:.2f} ms: {ms0 / ms1:.2f}x (FLOPs imply {ratio:.2f}x)")
         del base, patched
@@ -334,12 +336,13 @@ def e2e_rows(device: torch.device, batch: int = 8, rounds: int = 10, dtype=torch
 
 def e2e_table(rows: List[dict]) -> str:
     lines = ["| model | r | batch | dtype | unpatched ms | patched ms | speedup | FLOP ratio | "
-             "speedup / FLOP ratio | r=0 equals unpatched | patched finite |",
+             "speedup / FLOP ratio | r=0 equals unpatched (rel. err) | patched finite |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for w in rows:
         lines.append(f"| {w['model']} | {w['r']} | {w['batch']} | {w['dtype']} | {w['unpatched_ms']:.2f} | "
                      f"{w['patched_ms']:.2f} | {w['speedup']:.2f}x | {w['flop_ratio']:.2f}x | "
-                     f"{w['speedup_over_flop_ratio']:.2f} | {w['r0_matches_unpatched']} | {w['patched_finite']} |")
+                     f"{w['speedup_over_flop_ratio']:.2f} | {w['r0_matches_unpatched']} ({w['r0_rel_err']:.1e}) | "
+                     f"{w['patched_finite']} |")
     return "\n".join(lines)
 
 
@@ -418,8 +421,10 @@ def main(argv=None) -> int:
         from .shapes import PAPER_SHAPES
 
         for dtype in (torch.float32, torch.bfloat16):
-            table = merge_table(PAPER_SHAPES, device, args.rounds, True, dtype)
-            failed |= "DIFFERS" in table
+            # tome-compiled in float32 only (each shape and dtype is a compilation: minutes)
+            table = merge_table(PAPER_SHAPES, device, args.rounds, dtype == torch.float32, dtype)
+            # ToMe's GEMM scores may break near-ties differently: only a vt- mismatch fails
+            failed |= any("DIFFERS" in line and "| vt-" in line for line in table.splitlines())
             sections.append((f"(b) Merge table, {_name(dtype)} (CUDA events, cold L2, results checked)", table))
             data[f"merge_table_{_name(dtype)}"] = table
             print(f"(b) merge table {_name(dtype)}:\n{table}\n")

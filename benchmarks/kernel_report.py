@@ -499,6 +499,26 @@ def compile_counts_table(median_compile_s: float) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: List[Row]) -> str:
+    """One line per compilation, sm_80 and sm_90 side by side (for BENCHMARKS.md)."""
+    by: Dict[Variant, Dict[int, Row]] = {}
+    for r in rows:
+        by.setdefault(r.variant, {})[r.target] = r
+    targets = sorted({r.target for r in rows})
+    head = " | ".join(f"sm_{t} regs / spills / smem B / tensor cores" for t in targets)
+    lines = [f"| kernel | used for | specialised at run time | {head} | compile s (sm_{targets[-1]}) |",
+             "|---|---|---|" + "---|" * len(targets) + "---:|"]
+    for v, per in by.items():
+        cells = " | ".join(f"{per[t].regs} / {per[t].spill_stores}/{per[t].spill_loads} / {per[t].smem} / "
+                           f"{per[t].mma}" for t in targets)
+        lines.append(f"| {v.kernel} | {v.label} | {v.specialised} | {cells} | {per[targets[-1]].compile_s:.1f} |")
+    return "\n".join(lines)
+
+
+MARKERS = {name: (f"<!-- kernel-report-{name}:begin -->", f"<!-- kernel-report-{name}:end -->")
+           for name in ("compile", "predict", "counts")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, e.g. 80,90")
@@ -508,6 +528,9 @@ def main(argv=None) -> int:
                         help="print only the predicted H100 time of every launch at the paper shapes")
     parser.add_argument("--compile-counts", action="store_true",
                         help="also count the compilations of a first forward of each patched model (minutes)")
+    parser.add_argument("--write", action="store_true",
+                        help="with --compile-counts: put the tables into BENCHMARKS.md (compile report, "
+                             "predictions, compile counts)")
     args = parser.parse_args(argv)
     if args.traffic:
         print(traffic_table())
@@ -525,7 +548,18 @@ def main(argv=None) -> int:
     print(table(rows))
     if args.compile_counts:
         median = statistics.median(r.compile_s for r in rows if r.target == TARGET)
-        print("\n" + compile_counts_table(median))
+        counts = compile_counts_table(median)
+        print("\n" + counts)
+        if args.write:
+            import pathlib
+
+            from benchmarks.harness import write_block
+
+            path = pathlib.Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+            write_block(path, *MARKERS["compile"], summary_table(rows))
+            write_block(path, *MARKERS["predict"], predict_table(paper_launches()))
+            write_block(path, *MARKERS["counts"], counts)
+            progress("BENCHMARKS.md updated")
     bad = [r for r in rows if r.spill_stores or r.spill_loads or r.smem > SMEM_LIMIT[r.target]]
     return 1 if bad else 0
 
