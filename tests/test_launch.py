@@ -9,6 +9,8 @@ real GPU-to-host sync would cost one.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -49,10 +51,15 @@ def launches(monkeypatch):
     return records
 
 
-def _kernels(name):
-    import importlib
+# Imported at collection, while tests/conftest.py's TRITON_INTERPRET=1 is set: kernels
+# imported inside a test (where it is unset) would be compiled functions, and every later
+# interpreter test in this process would refuse to run.
+_MODULES = {name: importlib.import_module(f"vtome_kernels.triton.{name}")
+            for name in ("match", "merge", "attention", "select")}
 
-    return importlib.import_module(f"vtome_kernels.triton.{name}")
+
+def _kernels(name):
+    return _MODULES[name]
 
 
 def _every_launch(groups: int, rows: int):
