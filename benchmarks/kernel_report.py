@@ -1,14 +1,24 @@
 """Static GPU report of the Triton kernels: compiled ahead of time, no GPU needed.
 
-``python -m benchmarks.kernel_report`` compiles every kernel of ``vtome_kernels.triton`` for
-sm_80 (A100) and sm_90 (H100) with ``triton.compile`` and a ``GPUTarget``, at the
-constexprs the paper shapes (benchmarks/shapes.py, and benchmarks/select.py's layouts for
-the selection kernels) run with, and prints per kernel:
-registers per thread, spill stores/loads and shared memory (from ``ptxas -v`` on the
-kernel's PTX, with Triton's own ptxas flags), whether tensor-core instructions are used
-(``mma`` on sm_80, ``wgmma`` / ``mma`` on sm_90, read from the PTX) and the number of fused
-multiply-adds in the match kernels (0: the exact path has none). Nothing here runs a kernel.
-Must run without TRITON_INTERPRET=1 (the kernels must be compiled functions).
+``python -m benchmarks.kernel_report`` calls every launch function of ``vtome_kernels.triton``
+at the paper shapes (benchmarks/shapes.py; benchmarks/select.py's layouts for selection) on
+CPU tensors with the launches recorded, not run; Triton's own binder gives each launch the
+compile key a CUDA device would (integers equal to 1 become constants, integers and
+pointers divisible by 16 get the divisibility hint). Each distinct key is compiled for
+sm_80 (A100) and sm_90 (H100) with ``triton.compile`` from an empty cache, and the report
+prints per compilation: registers per thread, spill stores/loads and shared memory (from
+``ptxas -v`` on the kernel's PTX, with Triton's own ptxas flags), whether tensor-core
+instructions are used (``mma`` on sm_80, ``wgmma`` / ``mma`` on sm_90, read from the PTX),
+the number of fused multiply-adds (0 on the exact paths), the specialisation and the
+compile time. Exit status 1 on any spill or shared memory beyond the target's limit.
+
+    --predict         predicted H100 time of every launch at the paper shapes (a roofline model)
+    --compile-counts  compilations a first forward of each patched model triggers
+    --write           (with --compile-counts) the three tables into BENCHMARKS.md
+    --traffic         analytic global-memory traffic of one merge step
+
+Nothing here runs a kernel. Must run without TRITON_INTERPRET=1 (the kernels must be
+compiled functions).
 """
 
 from __future__ import annotations
