@@ -404,8 +404,12 @@ def main(argv=None) -> int:
 
     if "a" in parts:
         cases = interpret_cases() if args.interpret else gpu_cases()
-        tiles = backend.gpu_tiles() if args.interpret else contextlib.nullcontext()
-        with tiles:
+        with contextlib.ExitStack() as stack:
+            if args.interpret:  # CPU tensors: the ops' CPU kernels lent to Triton's interpreter
+                from vtome_kernels.triton.backend import cpu_interpreter
+
+                stack.enter_context(cpu_interpreter())
+                stack.enter_context(backend.gpu_tiles())
             checks = correctness(device, cases)
         bad = [c for c in checks if not c.ok]
         failed |= bool(bad)

@@ -25,7 +25,9 @@ pytest.importorskip("triton")
 
 @pytest.fixture(autouse=True)
 def _gpu_tiles(triton_interpret):
-    with triton_interpret.gpu_tiles():
+    from vtome_kernels.triton import gpu_tiles
+
+    with gpu_tiles():
         yield
 
 
