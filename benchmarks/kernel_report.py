@@ -462,37 +462,60 @@ def paper_launches() -> List[Launch]:
 # --------------------------------------------------------------------------------------
 # compilations of a first forward of each patched model (recorded, nothing compiled or run)
 # --------------------------------------------------------------------------------------
-def first_forward_keys(case, batch: int = 2, dtype=torch.bfloat16) -> Tuple[int, int]:
-    """(distinct compile keys, launches) of the first forward of a patched model with
-    backend="triton" at the paper input, batch ``batch``, in ``dtype``. CPU tensors take
-    the Triton path; each launch is recorded (its key as Triton's binder makes it for an
-    sm_90 device) and not run, and the op returns the reference backend's result, so the
-    next layer sees the shapes and values a GPU run would."""
-    import vtome_kernels.triton as tri
+def _reference_stage(name: str):
+    """The reference's result for one vtome:: op (what the model goes on with)."""
     from vtome_kernels import reference
 
+    def merge_fused(x, size, metric, r, class_token, distill_token):
+        out_idx, src_idx, dst_pos, _ = reference.match(metric, r, class_token, distill_token)
+        if size is None:
+            size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32)
+        out_x, out_s = reference.merge(x, size, out_idx, src_idx, dst_pos, None)
+        return out_x, out_s, out_idx, src_idx, dst_pos
+
+    def prop_attention(q, k, v, size, scale):
+        logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if size is not None:
+            logits = logits + size.float().log()[:, None, None, :, 0]
+        return reference.prop_attention(q, k, v, size, scale), torch.logsumexp(logits, -1)
+
+    special = {"merge_fused": merge_fused, "prop_attention": prop_attention}
+    return special.get(name) or getattr(reference, name)
+
+
+def first_forward_keys(case, batch: int = 2, dtype=torch.bfloat16) -> Tuple[int, int]:
+    """(distinct compile keys, launches) of the first forward of a patched model with
+    backend="triton" at the paper input, batch ``batch``, in ``dtype``. The vtome:: ops'
+    CPU dispatch key is lent, for the forward, to kernels that call the Triton launch
+    functions on the CPU tensors (each launch recorded with the key Triton's binder makes
+    for an sm_90 device, and not run) and return the reference's result, so every layer
+    sees the shapes and values a GPU run would."""
+    from vtome_kernels import ops
+    from vtome_kernels.triton import backend
+
     rec = Recorder()
-    saved = {name: getattr(tri, name) for name in ("match", "merge", "merge_source", "unmerge",
-                                                     "prop_attention", "supports")}
 
     def spy(name):
         def run(*args):
-            saved[name](*args)  # records the launches; its outputs are never written
-            return getattr(reference, name)(*args)
+            backend.KERNELS[name](*args)  # records the launches; their outputs are never written
+            return _reference_stage(name)(*args)
         return run
 
     torch.manual_seed(0)
     model = case.patch(case.build(False).eval().to(dtype), r=case.r, backend="triton")
     x = torch.randn((batch,) + case.shape(False)[1:], dtype=dtype)
+    lib = torch.library.Library("vtome", "IMPL")
+    supports = backend.supports
     try:
-        for name in saved:
-            setattr(tri, name, spy(name) if name != "supports" else (lambda device: None))
+        for name in backend.KERNELS:
+            lib.impl(name, spy(name), "CPU")
+        ops.cpu_override, backend.supports = "kernel_report", (lambda device: None)
         rec.label = case.name
         with rec.installed(), torch.inference_mode():
             model(x)
     finally:
-        for name, fn in saved.items():
-            setattr(tri, name, fn)
+        ops.cpu_override, backend.supports = None, supports
+        lib._destroy()
     return len(rec.variants), len(rec.launches)
 
 
