@@ -62,6 +62,25 @@ def test_match_ties_across_b_tiles(monkeypatch, class_token, wave, grid):
     assert (want.dst_idx == 21).sum() >= 30  # the ties resolved to the lowest B index (token 10)
 
 
+def test_match_nan_rows_across_b_slices(monkeypatch):
+    """NaN scores in one B slice make the row's maximum NaN whatever the other slices hold
+    (it wins the packed atomic max and is never replaced), argmax the last B token; NaN
+    rows rank first in index order, as the reference's amax and stable sort give."""
+    match = _kernels("match")
+    monkeypatch.setattr(match, "WAVE", 264)
+    assert match.match_grid(2, 150, 150) == (3, 3, 1)
+    g = torch.Generator().manual_seed(4)
+    metric = torch.randn(2, 300, 8, generator=g)
+    metric[0, 1 + 2 * 140] = float("nan")  # a B token of the last slice: every row NaN
+    metric[1, [8, 100, 298]] = float("nan")  # three A tokens in three A tiles
+    metric[1, 6] = float("inf")  # ... and an A token that normalises to a negative NaN
+    plan = vt.match(metric, 90, backend="triton")
+    want = vt.match(metric, 90, backend="reference")
+    for name in ("out_idx", "src_idx", "dst_idx"):
+        assert torch.equal(getattr(plan, name), getattr(want, name)), name
+    assert torch.equal(plan.src_score.isnan(), want.src_score.isnan())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_across_source_and_channel_blocks(dtype):
     merge = _kernels("merge")

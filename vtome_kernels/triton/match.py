@@ -32,9 +32,11 @@ from . import large_tiles, launch
 
 @triton.jit
 def _key(m):
-    """float32 -> int32 with the same order (-0.0 counts as +0.0, as float comparison does)."""
+    """float32 -> int32 with the same order (-0.0 counts as +0.0, as float comparison does);
+    every NaN, whatever its sign, maps to the largest key: NaN ranks first, as the
+    reference's descending sort orders it."""
     bits = (m + 0.0).to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(m != m, 2147483647, bits ^ ((bits >> 31) & 0x7FFFFFFF))
 
 
 @triton.jit
@@ -108,10 +110,14 @@ def _match_kernel(
         if DIST:
             masked = masked | (b[None, :] == 0)
         acc = tl.where(masked, float("-inf"), acc)
-        t_max = tl.max(acc, axis=1)
+        # A NaN score makes the row's maximum NaN and its argmax the last B token, as the
+        # reference's amax and clamped argmin give (tl.max leaves NaN handling open).
+        nan_row = tl.max((acc != acc).to(tl.int32), axis=1) > 0
+        t_max = tl.where(nan_row, float("nan"), tl.max(acc, axis=1))
         hit = (acc == t_max[:, None]) & b_ok[None, :]
-        t_idx = tl.min(tl.where(hit, b[None, :], NB), axis=1)
-        better = (t_max > run_max) | (step == 0)  # equal maxima keep the earlier (lower) column
+        t_idx = tl.where(nan_row, NB - 1, tl.min(tl.where(hit, b[None, :], NB), axis=1))
+        # Equal maxima keep the earlier (lower) column; a NaN maximum is never replaced.
+        better = ((t_max > run_max) | nan_row | (step == 0)) & (run_max == run_max)
         run_idx = tl.where(better, t_idx, run_idx)
         run_max = tl.where(better, t_max, run_max)
     has_b = (tl.program_id(1) * B_STEPS) * BLOCK_B < NB
@@ -281,8 +287,9 @@ def unpack(best: torch.Tensor):
 
 def pack(node_max: torch.Tensor, node_idx: torch.Tensor) -> torch.Tensor:
     """The packed bests of row maxima and their B indices (inverse of ``unpack``)."""
-    bits = (node_max.float() + 0.0).view(torch.int32)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    node_max = node_max.float() + 0.0
+    bits = node_max.view(torch.int32)
+    key = torch.where(node_max.isnan(), 0x7FFFFFFF, bits ^ ((bits >> 31) & 0x7FFFFFFF))
     return (key.to(torch.int64) << 32) | (0xFFFFFFFF - node_idx.to(torch.int64))
 
 
