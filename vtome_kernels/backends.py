@@ -20,6 +20,7 @@ _MODULES = {
     "reference": "vtome_kernels.reference",
     "cpp": "vtome_kernels.cpp",
     "triton": "vtome_kernels.triton",
+    "graph": "vtome_kernels.graph",
 }
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 NAMES = ("auto",) + tuple(_MODULES)
@@ -76,11 +77,15 @@ _choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def _resolve(backend: str, op: str, device: torch.device) -> ModuleType:
     """The backend module that runs ``op`` on ``device``.
 
-    "auto" takes the first usable backend of the device's order that implements the op;
-    a named backend that cannot run the op here raises BackendUnavailableError saying why.
+    While torch.export / torch.onnx.export / torch.jit.trace traces, every name gives the
+    "graph" backend (plain aten ops, no custom op: see graph.py). Otherwise "auto" takes
+    the first usable backend of the device's order that implements the op; a named backend that cannot run the op here raises BackendUnavailableError saying why.
     """
     if not isinstance(backend, str) or backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    graph = importlib.import_module(_MODULES["graph"])
+    if graph.exporting():  # exported graphs hold plain aten ops only, whatever was asked for
+        return graph
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if name not in _MODULES:

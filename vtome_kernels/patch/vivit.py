@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (CostModel, MergeState, attend, eager, grid_from, heads_join, heads_split, install,
-                     select_tokens, split_head)
+from .common import (CostModel, MergeState, StateHook, attend, eager, grid_from, has_hook, heads_join,
+                     heads_split, install, select_tokens, split_head)
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
@@ -30,7 +30,9 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, *
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     st = self._vt_state
     if attention_mask is not None and any(st.r_list):
-        raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
+        if st.user_mask:
+            raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
+        attention_mask = None  # transformers' all-attend mask, built while exporting (no value checks then)
     x = hidden_states
     a = self.attention
     out, _ = a(self.layernorm_before(x), attention_mask)  # as a module: output_attentions records it
@@ -66,6 +68,16 @@ def _embed_forward(self, pixel_values, interpolate_pos_encoding: bool = False):
     return self.dropout(torch.cat((cls, x), dim=1))
 
 
+class _UserMask(StateHook):
+    """Pre-hook of VivitModel: did the caller pass an attention_mask? While exporting,
+    transformers turns "no mask" into an all-attend one (it cannot read values then); the
+    layers drop that one when merging and refuse a mask the caller gave."""
+
+    def __call__(self, module, args, kwargs):
+        given = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        self.state.user_mask = given is not None
+
+
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
                 metric: str = "mean", trace_source: bool = False, layer=None, select=None,
                 select_groups="auto", backend: str = "auto"):
@@ -92,8 +104,13 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
         return MergeState("vivit", len(blocks), "st", True, False,
                           lambda shape: grid_from(shape, "BTCHW", tt, th, tw, "ViViT"), cost)
 
+    def extra(state):
+        state.user_mask = True  # until the hook has seen a call
+        if not has_hook(base, _UserMask, state):
+            base.register_forward_pre_hook(_UserMask(state), with_kwargs=True)
+
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options,
+    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra,
                    embed_forward=_embed_forward, select=select, select_groups=select_groups,
                    attention=[(b.attention, _attention_forward) for b in blocks])
