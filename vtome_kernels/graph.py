@@ -25,8 +25,9 @@ What it computes, and how it stays exact where the contract promises it:
 - Ranking: a stable descending sort in torch graphs (``torch.sort(stable=True)``); in
   ONNX graphs, which have no sort, a TopK over all A tokens, whose ties go to the lower
   index as the ONNX operator documents (checked in onnxruntime by the tests).
-- Merge: gathers of rows and a scatter-add (ONNX Gather/GatherElements, ScatterElements
-  with reduction "add"), the size-weighted mean in float32, the reference's formula.
+- Merge: one gather of whole rows (ONNX Gather) for the output, and a scatter-add
+  (ScatterElements with reduction "add") of each source's weighted difference to its
+  destination: the size-weighted mean in float32, rows that receive nothing bit for bit.
 
 NaN metrics are not handled like the reference (which maps a NaN row to the last column).
 """
@@ -88,6 +89,8 @@ def similarity(metric: torch.Tensor) -> torch.Tensor:
     """Cosine scores [G, ceil(N/2), floor(N/2)] between set A (even) and set B (odd), each a
     function of its two vectors only (module docstring)."""
     m = normalize(metric)
+    if _onnx():  # onnxruntime's GEMM computes every entry alike (tests check identical tokens)
+        return m[:, ::2] @ m[:, 1::2].transpose(1, 2)
     s = _slice_bits(int(m.shape[-1]))
     scaled = m * float(2**s)
     hi = torch.round(scaled)  # integer-valued slices: m ≈ hi·2^-s + lo·2^-2s
@@ -125,13 +128,26 @@ def match_scores(scores: torch.Tensor, r: int, class_token: bool, distill_token:
     return _rank(scores.float(), int(r), bool(class_token), bool(distill_token))
 
 
+def _max(scores: torch.Tensor):
+    """Row max and the first maximal column (torch documents the first index)."""
+    return scores.max(dim=-1)
+
+
+def _top1(scores: torch.Tensor):
+    """Row max and the first maximal column in ONNX: one TopK (ties to the lower index, as
+    ONNX documents) reads the matrix once, ReduceMax + ArgMax twice."""
+    val, idx = scores.topk(1, dim=-1)
+    return val[..., 0], idx[..., 0]
+
+
 def _best(scores: torch.Tensor, class_token: bool, distill_token: bool):
     """Row max and argmax [G, |A|] (first maximal column), protected tokens masked."""
+    best = _top1 if _onnx() else _max
     if distill_token:  # nothing merges into the distillation token (B column 0)
-        node_max, node_idx = scores[:, :, 1:].max(dim=-1)
+        node_max, node_idx = best(scores[:, :, 1:])
         node_idx = node_idx + 1
     else:
-        node_max, node_idx = scores.max(dim=-1)
+        node_max, node_idx = best(scores)
     if class_token:  # the class token (A row 0) is never a source
         first = torch.arange(int(scores.shape[1]), device=scores.device) == 0
         node_max = torch.where(first, -math.inf, node_max)
@@ -154,14 +170,20 @@ def _rank(scores: torch.Tensor, r: int, class_token: bool, distill_token: bool):
 # merge
 # --------------------------------------------------------------------------------------
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t[g, idx[g, i], :] for every g, i (one Gather on the flattened rows)."""
+    """t[g, idx[g, i], :] for every g, i: one Gather of whole rows of the flattened t
+    (ONNX GatherElements would read an index per element)."""
     g, n, c = t.shape[0], int(t.shape[1]), int(t.shape[2])
     offset = torch.arange(g, device=t.device)[:, None] * n
-    return t.reshape(-1, c)[(idx + offset).reshape(-1)].reshape(g, -1, c)
+    return t.reshape(-1, c).index_select(0, (idx + offset).reshape(-1)).reshape(g, -1, c)
 
 
 def merge(x, size, out_idx, src_idx, dst_pos, src_merged=None):
-    """Merged (x [G, N', C], size [G, N', 1]) as reference.merge; differentiable in x, size."""
+    """Merged (x [G, N', C], size [G, N', 1]) as reference.merge; differentiable in x, size.
+
+    Every output row is gathered once from its base token; each source then adds
+    (x_src - x_dst)·w_src / (total size of its destination) to its row, which sums to the
+    size-weighted mean (x_dst·s_dst + Σ x_src·w_src) / (s_dst + Σ w_src). A row that
+    receives nothing is the gathered row itself, bit for bit."""
     acc = reference.acc_dtype(x)
     c = int(x.shape[-1])
     xf, sf = x.to(acc), size.to(acc)
@@ -171,46 +193,20 @@ def merge(x, size, out_idx, src_idx, dst_pos, src_merged=None):
         w = w * src_merged[..., None].to(acc)
     dst = dst_pos[..., None]
     tot_s = base_s.scatter_add(1, dst, w)
-    tot_x = (base_x * base_s).scatter_add(1, dst.expand(-1, -1, c), _rows(xf, src_idx) * w)
-    if src_merged is None:
-        received = torch.zeros_like(base_s).scatter_add(1, dst, torch.ones_like(w)) > 0
-    else:
-        received = torch.zeros_like(base_s).scatter_add(1, dst, src_merged[..., None].to(acc)) > 0
-    x_out = torch.where(received, tot_x / tot_s, base_x)
+    dst_x = _rows(base_x, dst_pos)
+    share = (_rows(xf, src_idx) - dst_x) * (w / tot_s.gather(1, dst))
+    x_out = base_x.scatter_add(1, dst.expand(-1, -1, c), share)
     return x_out.to(x.dtype), tot_s.to(size.dtype)
 
 
 def merge_fused(x, size, metric, r: int, class_token: bool, distill_token: bool):
-    """match + merge (mode "merge"): (x [G, N - r, C], size [G, N - r, 1]); size None = ones.
-
-    Works on the A and B halves (strided slices) instead of gathering every output row:
-    the unmerged and source rows of A are gathered once, the sources added into B."""
-    r, c = int(r), int(x.shape[-1])
-    node_max, node_idx = _best(similarity(metric), bool(class_token), bool(distill_token))
-    rows = order = _stable_desc(node_max)  # [sources, unmerged]
-    src_a = order[:, :r]
-    if class_token:  # the unmerged tokens back in their original order
-        rows = torch.cat((src_a, _ascending(order[:, r:])), dim=1)
-    dst_b = node_idx.gather(1, src_a)[..., None]
-    acc = reference.acc_dtype(x)
+    """match + merge (mode "merge"): (x [G, N - r, C], size [G, N - r, 1]); size None = ones."""
     s_dtype = torch.float32 if size is None else size.dtype
     if size is None:
-        size = torch.ones(x.shape[:-1] + (1,), dtype=acc, device=x.device)
-    xf, sf = x.to(acc), size.to(acc)
-    xa, xb, sa, sb = xf[:, ::2], xf[:, 1::2], sf[:, ::2], sf[:, 1::2]
-    rows = rows[..., None]
-    ga, gs = xa.gather(1, rows.expand(-1, -1, c)), sa.gather(1, rows)
-    ws = gs[:, :r]
-    tot_s = sb.scatter_add(1, dst_b, ws)
-    tot_x = (xb * sb).scatter_add(1, dst_b.expand(-1, -1, c), ga[:, :r] * ws)
-    new_b = torch.where(tot_s == sb, xb, tot_x / tot_s)  # sizes are > 0: a source changes tot_s
-    unm_x, unm_s = ga[:, r:], gs[:, r:]
-    if distill_token:  # [cls, dist, other unmerged A, other B]
-        out_x = torch.cat((unm_x[:, :1], new_b[:, :1], unm_x[:, 1:], new_b[:, 1:]), dim=1)
-        out_s = torch.cat((unm_s[:, :1], tot_s[:, :1], unm_s[:, 1:], tot_s[:, 1:]), dim=1)
-    else:
-        out_x, out_s = torch.cat((unm_x, new_b), dim=1), torch.cat((unm_s, tot_s), dim=1)
-    return out_x.to(x.dtype), out_s.to(s_dtype)
+        size = torch.ones(x.shape[:-1] + (1,), dtype=reference.acc_dtype(x), device=x.device)
+    out_idx, src_idx, dst_pos, _ = match(metric, r, class_token, distill_token)
+    out_x, out_s = merge(x, size, out_idx, src_idx, dst_pos)
+    return out_x, out_s.to(s_dtype)
 
 
 # The source map, unmerge and attention are already plain gathers, scatters and SDPA.
