@@ -24,10 +24,13 @@ class Ambiguous(Exception):
 class Result:
     """The oracle's answer for one group: members of every output token, in output order."""
 
-    def __init__(self, groups, src, dst, unm, merged, x, size, n):
+    def __init__(self, groups, src, dst, unm, merged, x, size, n, members=None):
         self.groups = groups  # list of lists of input positions, base token first
         self.src, self.dst, self.unm, self.merged = src, dst, unm, merged
         self.x, self.size, self.n = x, size, n
+        # What each output token is made of: its group, less a base token whose own
+        # content is dropped (hybrid).
+        self.members = groups if members is None else members
 
 
 def _unit(v: Sequence[float]) -> List[float]:
@@ -127,38 +130,41 @@ def merge_group(
     if r <= 0:
         groups = [[p] for p in range(n)]
         return Result(groups, [], [], unm, [], [list(map(float, row)) for row in x], list(size), n)
+    dropped_bases = set()
     if mode in ("drop", "random_drop"):
         merged = [False] * len(src)
-    elif mode == "hybrid":
-        merged = [s >= threshold for s in src_best]
     else:
         merged = [True] * len(src)
+    if mode == "hybrid":  # every source merges; a destination with any source under the
+        # threshold loses its own content (the video paper's code)
+        dropped_bases = {d for d, s in zip(dst, src_best) if not s >= threshold}
     b_tokens = list(range(1, n, 2))
     if distill_token:
         order = [unm[0], b_tokens[0]] + unm[1:] + b_tokens[1:]
     else:
         order = unm + b_tokens
-    groups = []
+    groups, kept = [], []
     for base in order:
         members = [base]
         for s, d, m in zip(src, dst, merged):
             if d == base and m:
                 members.append(s)
         groups.append(members)
+        kept.append(members[1:] if base in dropped_bases else members)
     out_x, out_s = [], []
-    for members in groups:
+    for members in kept:
         tot = sum(float(size[p]) for p in members)
         row = [sum(float(x[p][c]) * float(size[p]) for p in members) / tot for c in range(len(x[0]))]
         if len(members) == 1:
             row = [float(v) for v in x[members[0]]]
         out_x.append(row)
         out_s.append(1.0 if mode in ("drop", "random_drop") else tot)
-    return Result(groups, src, dst, unm, merged, out_x, out_s, n)
+    return Result(groups, src, dst, unm, merged, out_x, out_s, n, kept)
 
 
 def merge_source_group(result: Result, source: Sequence[Sequence[float]]) -> List[List[float]]:
     """Union (max) of the source rows of every output token's members."""
-    return [[max(float(source[p][c]) for p in g) for c in range(len(source[0]))] for g in result.groups]
+    return [[max(float(source[p][c]) for p in g) for c in range(len(source[0]))] for g in result.members]
 
 
 def unmerge_group(result: Result, y: Sequence[Sequence[float]]) -> List[List[float]]:

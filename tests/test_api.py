@@ -96,8 +96,16 @@ def test_modes():
     a = vt.merge(x, size, 4, metric=metric, mode="random_merge", generator=g1)
     b = vt.merge(x, size, 4, metric=metric, mode="random_merge", generator=g2)
     torch.testing.assert_close(a, b)  # seeded: reproducible
-    y, s = vt.merge(x, size, 4, metric=metric, mode="hybrid", threshold=2.0)  # nothing passes
-    assert torch.equal(y, x.gather(1, plan.out_idx[..., None].expand(-1, -1, 4)))
+    # Hybrid, nothing passes: every source still merges, every destination it reaches
+    # loses its own content (the video paper's rule); the others are copied.
+    y, s = vt.merge(x, size, 4, metric=metric, mode="hybrid", threshold=2.0)
+    for g in range(2):
+        for o, pos in enumerate(plan.out_idx[g].tolist()):
+            members = [p for p, d in zip(plan.src_idx[g].tolist(), plan.dst_idx[g].tolist()) if d == pos]
+            members = members or [pos]
+            w = size[g, members]
+            torch.testing.assert_close(y[g, o], (x[g, members] * w).sum(0) / w.sum())
+            assert s[g, o, 0] == w.sum()
     y2, s2 = vt.merge(x, size, 4, metric=metric, mode="hybrid", threshold=-2.0)  # everything
     torch.testing.assert_close((y2, s2), vt.merge(x, size, 4, metric=metric))
 

@@ -66,7 +66,7 @@ def test_lengths_clamped_to_half(family):
     assert all(b >= (a + 1) // 2 for a, b in zip(seen, seen[1:]))
 
 
-def test_layer_choice_merges_once(family):
+def test_layer_choice_merges_only_in_that_block(family):
     model, x, patch, _ = build(family)
     patch(model, r=2, layer=1)
     seen = seen_lengths(model, x)

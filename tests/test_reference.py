@@ -72,8 +72,9 @@ def test_reference_hybrid_matches_oracle(case):
     threshold = float(scores[half - 1 : half + 1].mean()) if scores.numel() >= 2 else 0.0
     plan = _check(case, mode="hybrid", threshold=threshold)
     if plan.r >= 2 and scores.numel() >= 2:
-        merged = plan.merged
-        assert merged.any() and not merged.all(), "threshold at the median should split"
+        kept = plan.dst_kept
+        assert plan.merged.all(), "in hybrid mode every source merges"
+        assert kept.any() and not kept.all(), "threshold at the median should split"
 
 
 @settings(max_examples=250)

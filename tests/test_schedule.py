@@ -20,6 +20,23 @@ def test_inflect_lines():
     assert layer_r((5, -1), 1) == [10]
 
 
+def tome_rule(r, inflect, layers):
+    """ToMe's parse_r for a pair (r, inflect), transcribed from its description: the first
+    layer's r truncated to an int, the last 2r minus it, a straight line between."""
+    start = int(r * (1.0 - inflect))
+    end = 2 * r - start
+    return [int(start + (end - start) / (layers - 1) * i) for i in range(layers)]
+
+
+def test_fractional_inflect_follows_tome():
+    assert layer_r((1, -0.5), 12) == [1] * 12  # the truncated start 1 gives a flat line
+    inflects = sorted({k / 20 for k in range(-20, 21)} | {-0.77, -0.33, 0.1, 0.33, 0.66, 0.9})
+    for layers in (2, 3, 7, 12, 24):
+        for r in range(0, 41):
+            for inflect in inflects:
+                assert layer_r((r, inflect), layers) == tome_rule(r, inflect, layers), (r, inflect, layers)
+
+
 @pytest.mark.parametrize("bad,exc,msg", [
     (-1, ValueError, "r must be >= 0"),
     ([1, -2], ValueError, r"r\[1\] must be >= 0"),

@@ -24,16 +24,23 @@ class MergePlan:
     Index fields have the leading dims of the metric ([B] or [B, T]) first and hold token
     positions 0..N-1 of the input: ``src_idx`` the r sources (best first), ``dst_idx`` the
     B token each source was matched to, ``unm_idx`` the unmerged A tokens in output order.
-    In the drop modes, and for hybrid sources below the threshold, ``merged`` is False:
-    those sources are discarded rather than merged into ``dst_idx``.
+    In the drop modes ``merged`` is False: those sources are discarded rather than merged
+    into ``dst_idx``. In hybrid mode every source merges, and ``dst_kept`` is False where
+    the destination's own content is discarded (a source into it scored under the threshold).
     """
 
-    def __init__(self, lead, n, r, *, mode, backend, class_token, distill_token, tensors):
+    def __init__(self, lead, n, r, *, mode, backend, class_token, distill_token, tensors,
+                 dst_kept=None):
         self.lead, self.n, self.r = tuple(lead), n, r
         self.mode, self.backend = mode, backend
         self.class_token, self.distill_token = class_token, distill_token
         # Flat [G, ...] tensors: out_idx, src_idx, dst_pos, src_score, src_merged (or None).
         self._out_idx, self._src_idx, self._dst_pos, self._src_score, self._src_merged = tensors
+        self._dst_kept = dst_kept  # [G, r] bool or None (every destination keeps its content)
+        # What the merge kernels are given: the matching itself, or for hybrid its rewrite.
+        self._apply = (self._out_idx, self._src_idx, self._dst_pos, self._src_merged)
+        if dst_kept is not None:
+            self._apply = _drop_destinations(self._out_idx, self._src_idx, self._dst_pos, dst_kept)
 
     def __repr__(self) -> str:
         return (
@@ -82,6 +89,15 @@ class MergePlan:
             return self._shaped(torch.ones_like(self._src_idx, dtype=torch.bool))
         return self._shaped(self._src_merged)
 
+    @property
+    def dst_kept(self) -> torch.Tensor:
+        """Per source: True if its destination's own content stays in the merged token;
+        False (hybrid only) where some source into that destination scored under the
+        threshold, so the token becomes the size-weighted mean of its sources alone."""
+        if self._dst_kept is None:
+            return self._shaped(torch.ones_like(self._src_idx, dtype=torch.bool))
+        return self._shaped(self._dst_kept)
+
     # -- application --------------------------------------------------------------------
     def _flat(self, name: str, t: torch.Tensor, last: Optional[int]) -> torch.Tensor:
         _checks.same_device(**{name: t, "the plan's metric": self._out_idx})
@@ -105,10 +121,7 @@ class MergePlan:
         if self.r == 0:
             return x, size
         module = resolve(self.backend, "merge", x.device)
-        out_x, out_s = module.merge(
-            xf, size.reshape(xf.shape[:2] + (1,)), self._out_idx, self._src_idx, self._dst_pos,
-            self._src_merged,
-        )
+        out_x, out_s = module.merge(xf, size.reshape(xf.shape[:2] + (1,)), *self._apply)
         if self.mode in ("drop", "random_drop"):
             out_s = torch.ones_like(out_s)
         shape = self.lead + (self.n_out,)
@@ -125,7 +138,7 @@ class MergePlan:
         if self.r == 0:
             return source
         module = resolve(self.backend, "merge_source", source.device)
-        out = module.merge_source(flat, self._out_idx, self._src_idx, self._dst_pos, self._src_merged)
+        out = module.merge_source(flat, *self._apply)
         return out.reshape(self.lead + (self.n_out, source.shape[-1]))
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
@@ -186,12 +199,40 @@ def match(
     else:
         tensors = resolve(backend, "match", flat.device).match(flat, r, class_token, distill_token)
     out_idx, src_idx, dst_pos, src_score = tensors
-    src_merged = None
+    src_merged = dst_kept = None
     if mode in ("drop", "random_drop"):
         src_merged = torch.zeros_like(src_idx, dtype=torch.bool)
     elif mode == "hybrid":
-        src_merged = src_score >= threshold
-    return MergePlan(lead, n, r, tensors=(out_idx, src_idx, dst_pos, src_score, src_merged), **kw)
+        dst_kept = _kept_destinations(dst_pos, src_score >= threshold, n - r)
+    return MergePlan(lead, n, r, tensors=(out_idx, src_idx, dst_pos, src_score, src_merged),
+                     dst_kept=dst_kept, **kw)
+
+
+def _kept_destinations(dst_pos, passed, n_out: int) -> torch.Tensor:
+    """Hybrid (the video paper's rule): a destination keeps its own content only if every
+    source matched to it scored >= threshold (a product over its sources). Per source [G, r]."""
+    kept_rows = torch.ones(dst_pos.shape[0], n_out, dtype=torch.uint8, device=dst_pos.device)
+    kept_rows = kept_rows.scatter_reduce(1, dst_pos, passed.to(torch.uint8), reduce="amin")
+    return kept_rows.gather(1, dst_pos).bool()
+
+
+def _drop_destinations(out_idx, src_idx, dst_pos, dst_kept):
+    """The matching rewritten so that the ordinary merge kernels drop the destinations'
+    own content where ``dst_kept`` is False: the output row's first source (in rank order)
+    becomes its base token and the destination takes that source's slot as a discarded
+    source. The row is then the size-weighted mean of its sources alone, summed in the
+    same order as before (first source, then the others in rank order), its source-map
+    row their union; sizes stay positive, as every kernel requires.
+    Returns (out_idx, src_idx, dst_pos, src_merged)."""
+    g, r = src_idx.shape
+    rank = torch.arange(r, device=src_idx.device).expand(g, r)
+    first = torch.full_like(out_idx, r).scatter_reduce(1, dst_pos, rank, reduce="amin")
+    swap = (first.gather(1, dst_pos) == rank) & ~dst_kept  # [G, r]: the row's first source
+    row_dropped = torch.zeros_like(out_idx, dtype=torch.bool).scatter(1, dst_pos, ~dst_kept)
+    first_src = src_idx.gather(1, first.clamp_max(r - 1))
+    new_out = torch.where(row_dropped, first_src, out_idx)
+    new_src = torch.where(swap, out_idx.gather(1, dst_pos), src_idx)
+    return new_out, new_src, dst_pos, ~swap
 
 
 def _identity(flat: torch.Tensor):

@@ -2,8 +2,10 @@
 
 - an int: the same r in every layer;
 - a list: used as given, padded with zeros to the depth;
-- a pair (r, inflect): a straight line from r·(1 - inflect) to 2r - r·(1 - inflect) across
-  the layers, rounded down (inflect -1: from 2r down to 0; +1: from 0 up to 2r).
+- a pair (r, inflect): ToMe's straight line. first = int(r·(1 - inflect)) (rounded down
+  first), last = 2r - first, layer i gets int(first + (last - first)·i / (L - 1))
+  (inflect -1: from 2r down to 0; +1: from 0 up to 2r). This is ToMe's ``parse_r`` rule
+  exactly, fractional inflects included; one layer (L = 1) gets [first].
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def layer_r(r: Schedule, depth: int) -> List[int]:
             raise TypeError(f"inflect must be a number, got {type(inflect).__name__}")
         if not -1.0 <= inflect <= 1.0:
             raise ValueError(f"inflect must be in [-1, 1], got {inflect}")
-        first = base * (1.0 - inflect)
+        first = int(base * (1.0 - inflect))  # truncated before the end point is derived
         last = 2 * base - first
         step = (last - first) / (depth - 1) if depth > 1 else 0.0
         return [int(first + step * i) for i in range(depth)]

@@ -2,9 +2,10 @@
 
 FLOPs are counted from the tokens that enter each block (what the schedule and the
 clamping of each merge imply): the linear layers and the two attention products of every
-block, the MLP on the tokens left after the merge, the matching's score matrix, and the
-patch embedding. Multiply-adds count two. Normalisations, softmax and the head are left
-out (a few percent at most); the ratio patched / unpatched is what the budget uses.
+block, the MLP on the tokens left after the merge, the matching's score matrix, the key
+projection of layer choice's keys-only steps, and the patch embedding. Multiply-adds count
+two. Normalisations, softmax and the head are left out (a few percent at most); the ratio
+patched / unpatched is what the budget uses.
 """
 
 from __future__ import annotations
@@ -23,20 +24,24 @@ def _shape(input_shape) -> Tuple[int, ...]:
     return tuple(_checks.count(f"input_shape[{i}]", v, minimum=1) for i, v in enumerate(input_shape))
 
 
-def _counts(state: MergeState, grid, r_list: List[int]) -> Tuple[List[int], List[int]]:
-    """Tokens entering each block (per frame for "dst", with protected tokens for "st")
-    and the r each block really merges (clamped to half its tokens)."""
+def _counts(state: MergeState, grid, steps: List[List[int]]) -> Tuple[List[int], List[List[Tuple[int, int]]]]:
+    """Tokens entering each block (per frame for "dst", with protected tokens for "st"), then
+    the final count; and every block's merge steps (``MergeState.steps``) as (tokens before
+    the step, r it really merges: clamped to half), the last one the block's own merge."""
     t, h, w = grid
     n = h * w if state.scheme == "dst" else kept_tokens(state, grid) + state.protected
     protected = 0 if state.scheme == "dst" else state.protected
-    counts, real = [], []
-    for r in r_list:
+    counts, merges = [], []
+    for block in steps:
         counts.append(n)
-        rr = max(0, min(r, (n - protected) // 2))
-        real.append(rr)
-        n -= rr
+        done = []
+        for r in block:
+            rr = max(0, min(r, (n - protected) // 2))
+            done.append((n, rr))
+            n -= rr
+        merges.append(done)
     counts.append(n)
-    return counts, real
+    return counts, merges
 
 
 def _seq(state: MergeState, grid, n: int) -> int:
@@ -52,7 +57,7 @@ def token_counts(model, input_shape, r=None) -> List[int]:
     """
     state = state_of(model)
     grid = state.grid_of(_shape(input_shape))
-    counts, _ = _counts(state, grid, state.schedule(model.r if r is None else r))
+    counts, _ = _counts(state, grid, state.steps(model.r if r is None else r))
     return [_seq(state, grid, n) for n in counts]
 
 
@@ -61,11 +66,13 @@ def flops(model, input_shape, r=None) -> float:
     state = state_of(model)
     shape = _shape(input_shape)
     grid = state.grid_of(shape)
-    counts, real = _counts(state, grid, state.schedule(model.r if r is None else r))
+    _, merges = _counts(state, grid, state.steps(model.r if r is None else r))
     cost = state.cost
     d = cost.dim // cost.heads if state.metric == "mean" else cost.dim
     total = cost.embed(grid[0] * grid[1] * grid[2])
-    total += sum(cost.block(n, rr, d) for n, rr in zip(counts, real))
+    for block in merges:
+        total += sum(cost.keys_step(n, rr, d) for n, rr in block[:-1])  # layer choice
+        total += cost.block(*block[-1], d)  # the block on the tokens it sees, and its merge
     return total * shape[0]
 
 

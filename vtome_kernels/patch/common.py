@@ -10,7 +10,11 @@ Every block forward goes through ``MergeState.enter`` / ``leave``: a block calle
 before the next forward (activation checkpointing recomputing it in backward) replays its
 first call from the state recorded then, and changes nothing.
 The r schedule is read from ``model.r`` at that moment (int, per-layer list or
-(r, inflect), see ``vtome_kernels.schedule``).
+(r, inflect), see ``vtome_kernels.schedule``). With ``layer=L`` (layer choice, as the
+video paper's code runs it) the schedule's entries become successive merge steps inside
+block L: all but the last are keys-only steps before the block (block L's keys from
+LayerNorm(tokens), no attention output, no residual: ``MergeState.pre_merge``), the last is
+the block's own merge after its attention.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ class CostModel:
         """The patch embedding: a linear map of each patch's pixels."""
         return 2.0 * patches * self.in_per_token * self.dim
 
+    def keys_step(self, n: int, r: int, metric_dim: int) -> float:
+        """FLOPs of a keys-only merge step of layer choice on n tokens (per frame for "dst"):
+        the key projection and the matching (the LayerNorm left out, as everywhere)."""
+        match_flops = 2.0 * ((n + 1) // 2) * (n // 2) * metric_dim if r > 0 else 0.0
+        per_frame = 2.0 * n * self.dim * self.dim + match_flops
+        return per_frame if self.scheme == "st" else self.frames * per_frame
+
     def block(self, n: int, r: int, metric_dim: int) -> float:
         """FLOPs of one block entered by n tokens (per frame for "dst") merging r of them."""
         c, m = self.dim, self.mlp
@@ -81,8 +92,11 @@ class MergeState:
         self.weighted_pool = False
         self.select: Optional[int] = None  # FluxViT selection budget (video patches)
         self.select_groups = "auto"
-        # Per forward.
+        # Layer choice: (block, x, r) -> x after one keys-only merge step (set by install).
+        self.keys_step: Optional[Callable] = None
+        # Per forward: the r of each block's own merge, and of its keys-only steps before it.
         self.r_list: List[int] = [0] * depth
+        self.pre_r: List[List[int]] = [[] for _ in range(depth)]
         self.size: Optional[torch.Tensor] = None
         self.source: Optional[torch.Tensor] = None
         self.grid: Optional[Tuple[int, int, int]] = None
@@ -112,25 +126,39 @@ class MergeState:
         self.mode, self.threshold, self.prop_attn = mode, threshold, prop_attn
         self.metric, self.trace_source, self.layer, self.backend = metric, trace_source, layer, backend
 
-    def schedule(self, r) -> List[int]:
-        """The r of every block for a schedule r (int, list, (r, inflect)) and the options.
+    def steps(self, r) -> List[List[int]]:
+        """The r of every merge step of every block, in order, for a schedule r (int, list,
+        (r, inflect)) and the options; each block's last step is its own merge (after its
+        attention), the ones before it keys-only steps.
 
-        With ``layer`` set, all the merging of the schedule (the sum of its r) happens in
-        that block and no other; the merge clamps it to half the tokens as always.
+        Without ``layer``: one step per block, the schedule's entry. With ``layer=L`` (the
+        video paper's layer choice): block L takes all the schedule's entries as successive
+        steps (zeros are steps that merge nothing), every other block merges nothing. Each
+        step clamps its r to half the tokens, as every merge does.
         """
         rs = layer_r(r, self.depth)
-        if self.layer is not None:
-            total = sum(rs)
-            rs = [0] * self.depth
-            rs[self.layer] = total
-        return rs
+        if self.layer is None:
+            return [[v] for v in rs]
+        out = [[0] for _ in range(self.depth)]
+        out[self.layer] = rs
+        return out
+
+    def schedule(self, r) -> List[int]:
+        """The r of every merge step, in the order they run (any(): does anything merge)."""
+        return [v for block in self.steps(r) for v in block]
+
+    def merging(self) -> bool:
+        """Whether this forward merges anything."""
+        return any(self.r_list) or any(map(any, self.pre_r))
 
     # -- per forward ------------------------------------------------------------------------
     def begin(self, input_shape: Tuple[int, ...]) -> None:
         """Reset at the start of a forward: read model.r, forget sizes and sources."""
         owner = self.owner
         r = getattr(owner, "r", 0) if owner is not None else 0
-        self.r_list = self.schedule(r)
+        steps = self.steps(r)
+        self.r_list = [block[-1] for block in steps]
+        self.pre_r = [block[:-1] for block in steps]
         self.size = self.source = self.last = self.kept = None
         self.grid = self.grid_of(tuple(input_shape))
         self.tokens = []
@@ -159,9 +187,20 @@ class MergeState:
         if saved is not None:
             self.size, self.source, self.last, self.merge_seconds = saved
 
-    def merge(self, i: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        """Block i's merge of x [B, N, C] (or [B, T, N, C] per frame) by its metric."""
-        r = self.r_list[i] if i < len(self.r_list) else 0
+    def pre_merge(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Layer choice: the keys-only merge steps of a block before it runs (none unless
+        it is the chosen layer). Each computes the block's keys from LayerNorm(x) and merges
+        its r tokens with them; the attention output is not needed, there is no residual."""
+        for r in self.pre_r[block._vt_index]:
+            if r > 0:
+                x = self.keys_step(block, x, r)
+        return x
+
+    def merge(self, i: int, x: torch.Tensor, metric: torch.Tensor, r: Optional[int] = None) -> torch.Tensor:
+        """Block i's merge of x [B, N, C] (or [B, T, N, C] per frame) by its metric: its
+        own (r None: this forward's r of block i) or a keys-only step's r."""
+        if r is None:
+            r = self.r_list[i] if i < len(self.r_list) else 0
         if r <= 0:
             return x
         t0 = time.perf_counter() if self.timing else 0.0
@@ -240,6 +279,16 @@ def attend(q, k, v, size, scale: float, dropout_p: float, training: bool, backen
     return prop_attention(q, k, v, size, scale=scale, backend=backend)
 
 
+def st_keys_step(keys: Callable) -> Callable:
+    """A spatio-temporal family's keys-only merge step from ``keys(block, x)`` -> the block's
+    attention keys [B, H, N, d] of LayerNorm(x): its metric (mean or concat), then its merge."""
+    def step(block: torch.nn.Module, x: torch.Tensor, r: int) -> torch.Tensor:
+        st = block._vt_state
+        return st.merge(block._vt_index, x, st.key_metric(keys(block, x)), r)
+
+    return step
+
+
 def eager(module: torch.nn.Module) -> bool:
     """Whether a Hugging Face attention module's config asks for eager attention (the one
     implementation that returns its probabilities; sdpa, flash, ... return None)."""
@@ -263,6 +312,12 @@ def block_forward(forward: Callable) -> Callable:
             x = args[0] if args else next(iter(kwargs.values()))
             saved = st.enter(self._vt_index, x.shape[1])
             try:
+                if st.pre_r[self._vt_index]:  # layer choice: merge steps before the block
+                    x = st.pre_merge(self, x)
+                    if args:
+                        args = (x,) + args[1:]
+                    else:
+                        kwargs = {**kwargs, next(iter(kwargs)): x}
                 return forward(self, *args, **kwargs)
             finally:
                 st.leave(saved)
@@ -296,9 +351,13 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
             embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
             extra_hooks: Callable[[MergeState], None] = lambda s: None,
             embed_forward: Optional[Callable] = None, select=None, select_groups="auto",
-            attention: Sequence[Tuple[torch.nn.Module, Callable]] = ()) -> torch.nn.Module:
+            attention: Sequence[Tuple[torch.nn.Module, Callable]] = (), *,
+            keys_step: Callable) -> torch.nn.Module:
     """Patch blocks (class swap) and embed (state reset hook; class swap when the family
     supports select) once; (re)set options and r.
+
+    keys_step(block, x, r) -> x: one keys-only merge step of layer choice (``st_keys_step``
+    makes it for a spatio-temporal block from its keys).
 
     attention: (module, forward) pairs of attention modules to class-swap as well, the
     modules a Hugging Face model hooks to record ``output_attentions``: a block calls them
@@ -331,6 +390,7 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
         for module, fwd in attention:
             module._vt_state = state
             module.__class__ = patched_class(type(module), fwd)
+    state.keys_step = keys_step
     extra_hooks(state)
     state.owner = model
     model._vt = state

@@ -7,7 +7,9 @@ the T frames of every token slot, spatial attention over the tokens of every fra
 class token joins each frame, then is averaged back), and then the merge: the class token
 set aside, each frame matched and merged on its own with r per frame (metric: the spatial
 attention's keys), so every frame keeps the same count and temporal attention still sees
-T tokens per slot. Proportional attention (on by default) biases both attentions.
+T tokens per slot. Proportional attention (on by default) is the published code's: the
+log(size) bias only in the spatial attention and only on the patch tokens' query rows; the
+class token's query row and the temporal attention are unbiased (ALGORITHM.md 4.1).
 ``output_attentions=True`` returns every layer's spatial attention probabilities (over the
 merged tokens, with the size bias), as the unpatched layer returns its own.
 """
@@ -22,12 +24,19 @@ from .common import (CostModel, MergeState, attend, grid_from, heads_join, heads
 
 def _attention(module, x, size, st, probs: bool = False):
     """TimeSformer's attention (qkv + output dense) of x [G, N, C]; also returns the keys and
-    (probs=True) the attention probabilities, else None."""
+    (probs=True) the attention probabilities, else None. size [G, N, 1] or None: the
+    log(size) key bias, applied to every query row but the first (the class token's)."""
     sa = module.attention
     g, n, c = x.shape
     qkv = sa.qkv(x).reshape(g, n, 3, sa.num_heads, c // sa.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    out = attend(q, k, v, size, sa.scale, sa.attn_drop.p, sa.training, st.backend, probs=probs)
+    args = (sa.scale, sa.attn_drop.p, sa.training, st.backend)
+    if size is None:
+        out = attend(q, k, v, None, *args, probs=probs)
+    else:  # query rows are independent: the class token's row alone, unbiased, then the rest
+        cls = attend(q[:, :, :1], k, v, None, *args, probs=probs)
+        rest = attend(q[:, :, 1:], k, v, size, *args, probs=probs)
+        out = tuple(torch.cat(pair, dim=2) for pair in zip(cls, rest)) if probs else torch.cat((cls, rest), dim=2)
     ctx, p = out if probs else (out, None)
     return module.output(heads_join(ctx)), k, p
 
@@ -41,10 +50,9 @@ def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = 
     cls, tok = x[:, :1], x[:, 1:]                       # tok: [b, (n t), c]
     size = st.attn_size()                                # [b, t, n, 1] or None
 
-    # Temporal attention over the frames of every token slot.
+    # Temporal attention over the frames of every token slot (no size bias, as published).
     temporal = tok.reshape(b * n, t, c)
-    t_size = None if size is None else size.permute(0, 2, 1, 3).reshape(b * n, t, 1)
-    res, _, _ = _attention(self.temporal_attention, self.temporal_layernorm(temporal), t_size, st)
+    res, _, _ = _attention(self.temporal_attention, self.temporal_layernorm(temporal), None, st)
     res = self.temporal_dense(self.drop_path(res).reshape(b, n * t, c))
     tok = tok + res
 
@@ -70,6 +78,22 @@ def _layer_forward(self, hidden_states: torch.Tensor, output_attentions: bool = 
     x = torch.cat((cls, tok), dim=1)
     out = x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
     return (out, probs) if output_attentions else (out,)
+
+
+def _keys_step(self, x: torch.Tensor, r: int) -> torch.Tensor:
+    """Layer choice's keys-only merge step of x [b, 1 + n·t, c]: every frame merged on its
+    own by the spatial attention's keys of LayerNorm(its tokens) (the class token set aside)."""
+    st = self._vt_state
+    t = self.config.num_frames
+    b, length, c = x.shape
+    n = (length - 1) // t
+    frames = x[:, 1:].reshape(b, n, t, c).transpose(1, 2)  # [b, t, n, c]
+    sa = self.attention.attention
+    bias = None if sa.qkv.bias is None else sa.qkv.bias[c:2 * c]
+    k = torch.nn.functional.linear(self.layernorm_before(frames), sa.qkv.weight[c:2 * c], bias)
+    k = k.reshape(b * t, n, sa.num_heads, c // sa.num_heads).transpose(1, 2)
+    frames = st.merge(self._vt_index, frames, st.key_metric(k).reshape(b, t, n, -1), r)
+    return torch.cat((x[:, :1], frames.transpose(1, 2).reshape(b, -1, c)), dim=1)
 
 
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
@@ -104,4 +128,4 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options)
+    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, keys_step=_keys_step)

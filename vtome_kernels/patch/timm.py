@@ -14,12 +14,12 @@ import inspect
 
 import torch
 
-from .common import CostModel, MergeState, attend, grid_from, install, patched_class
+from .common import CostModel, MergeState, attend, grid_from, install, patched_class, st_keys_step
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
     st = self._vt_state
-    if (attn_mask is not None or is_causal) and any(st.r_list):
+    if (attn_mask is not None or is_causal) and st.merging():
         raise ValueError("a patched timm ViT merges tokens, so attn_mask / is_causal cannot be used with r > 0")
     a = self.attn
     y = self.norm1(x)
@@ -43,6 +43,21 @@ def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = Fals
     x = st.merge(self._vt_index, x, st.key_metric(k))
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     return x
+
+
+def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    """The block's attention keys [B, H, N, d] of x (layer choice's keys-only steps): the k
+    rows of the fused qkv projection of norm1(x), then k_norm."""
+    a = self.attn
+    y = self.norm1(x)
+    b, n, _ = y.shape
+    width = a.num_heads * a.head_dim
+    bias = None if a.qkv.bias is None else a.qkv.bias[width:2 * width]
+    k = torch.nn.functional.linear(y, a.qkv.weight[width:2 * width], bias)
+    return a.k_norm(k.reshape(b, n, a.num_heads, a.head_dim).transpose(1, 2))
+
+
+_keys_step = st_keys_step(_keys)
 
 
 def _forward_intermediates(self, *args, **kwargs):
@@ -69,8 +84,9 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     r: int, per-layer list or (r, inflect); later ``model.r = ...`` changes it. mode: the
     modes of vt.merge (threshold for "hybrid"); prop_attn: size bias in attention;
     metric: "mean" (keys averaged over heads) or "concat"; trace_source: keep the map of
-    original patches per token (for vtome_kernels.vis); layer: do all the schedule's
-    merging in that one block. Patching again only changes the options.
+    original patches per token (for vtome_kernels.vis); layer: layer choice, the
+    schedule's entries as successive merge steps inside that one block (keys-only steps,
+    then the block's own merge; API.md). Patching again only changes the options.
     """
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
@@ -99,4 +115,5 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
 
     options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
                    trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _block_forward, pe, make_state, r, options, extra_hooks=lambda st: _swap_model_class(model, st))
+    return install(model, blocks, _block_forward, pe, make_state, r, options,
+                   extra_hooks=lambda st: _swap_model_class(model, st), keys_step=_keys_step)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .common import (CostModel, MergeState, StateHook, attend, eager, has_hook, select_tokens, grid_from,
-                     heads_join, heads_split, install, split_head)
+                     heads_join, heads_split, install, split_head, st_keys_step)
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, **kwargs):
@@ -41,6 +41,15 @@ def _layer_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     if st.weighted_pool and self._vt_index == st.depth - 1:
         st.last = out
     return out
+
+
+def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    """The layer's attention keys [B, H, N, d] of x (layer choice's keys-only steps)."""
+    sa = self.attention.attention
+    return heads_split(sa.key(self.layernorm_before(x)), sa.num_attention_heads)
+
+
+_keys_step = st_keys_step(_keys)
 
 
 def _embed_forward(self, pixel_values, bool_masked_pos=None):
@@ -113,6 +122,6 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
                    trace_source=trace_source, layer=layer, backend=backend)
     install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra,
             embed_forward=_embed_forward, select=select, select_groups=select_groups,
-            attention=[(b.attention.attention, _attention_forward) for b in blocks])
+            attention=[(b.attention.attention, _attention_forward) for b in blocks], keys_step=_keys_step)
     model._vt.weighted_pool = weighted_pool
     return model

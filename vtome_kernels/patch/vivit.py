@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .common import (CostModel, MergeState, StateHook, attend, eager, grid_from, has_hook, heads_join,
-                     heads_split, install, select_tokens, split_head)
+                     heads_split, install, select_tokens, split_head, st_keys_step)
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
@@ -29,7 +29,7 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, *
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     st = self._vt_state
-    if attention_mask is not None and any(st.r_list):
+    if attention_mask is not None and st.merging():
         if st.user_mask:
             raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
         attention_mask = None  # transformers' all-attend mask, built while exporting (no value checks then)
@@ -40,6 +40,15 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwa
     x = self.dropout(out) + x
     x = st.merge(self._vt_index, x, st.key_metric(k))
     return self.dropout(self.mlp(self.layernorm_after(x))) + x
+
+
+def _keys(self, x: torch.Tensor) -> torch.Tensor:
+    """The layer's attention keys [B, H, N, d] of x (layer choice's keys-only steps)."""
+    a = self.attention
+    return heads_split(a.k_proj(self.layernorm_before(x)), a.num_attention_heads)
+
+
+_keys_step = st_keys_step(_keys)
 
 
 def _positions(emb, grid) -> torch.Tensor:
@@ -113,4 +122,4 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
                    trace_source=trace_source, layer=layer, backend=backend)
     return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra,
                    embed_forward=_embed_forward, select=select, select_groups=select_groups,
-                   attention=[(b.attention, _attention_forward) for b in blocks])
+                   attention=[(b.attention, _attention_forward) for b in blocks], keys_step=_keys_step)
