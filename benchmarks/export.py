@@ -4,9 +4,10 @@
     python -m benchmarks.export --write          # ... into BENCHMARKS.md ("Exported: onnxruntime")
     python -m benchmarks.export --models VideoMAE --threads 1 --rounds 9
 
-Every model (random weights) is exported twice with plain
+Every model (random weights) is exported with plain
 ``torch.onnx.export(model, (x,), dynamic_shapes=({0: batch},), dynamo=True)``: unpatched,
-and patched at its r (the package's graph backend is chosen while exporting). Both graphs
+patched at r=0 (the patch's own cost: none expected) and patched at its r (the package's
+graph backend is chosen while exporting). The graphs
 run in onnxruntime on the CPU with ``--threads`` intra-op threads (no spinning),
 interleaved round-robin, medians of wall time and of process CPU time (the work done, less
 sensitive to other jobs on a shared machine). The FLOP ratio is what the token counts imply
@@ -115,16 +116,19 @@ def _interleaved(fns, rounds: int):
 def model_rows(cases, rounds: int, tiny: bool, threads: int) -> List[dict]:
     rows = []
     for i, case in enumerate(cases, 1):
-        progress(f"[{i}/{len(cases)}] {case.name} r={case.r}: building (random weights), exporting twice")
+        progress(f"[{i}/{len(cases)}] {case.name} r={case.r}: building (random weights), exporting 3 times")
         torch.manual_seed(0)
         model = case.build(tiny).eval()
         shape = case.shape(tiny)
         x = torch.randn(shape)
         base, t_base = export_onnx(model, x)
-        case.patch(model, r=case.r)
+        case.patch(model, r=0)
+        patched0, _ = export_onnx(model, x)
+        model.r = case.r
         patched, t_patched = export_onnx(model, x)
         feed = x.numpy()
-        sessions = {"unpatched": session(base, threads), "patched": session(patched, threads)}
+        sessions = {"unpatched": session(base, threads), "patched r=0": session(patched0, threads),
+                    "patched": session(patched, threads)}
         names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
         fns = {k: (lambda s=s, n=names[k]: s.run(None, {n: feed})) for k, s in sessions.items()}
         progress(f"    exported in {t_base:.0f} s / {t_patched:.0f} s; timing {rounds} interleaved rounds")
@@ -134,12 +138,13 @@ def model_rows(cases, rounds: int, tiny: bool, threads: int) -> List[dict]:
         row = dict(name=case.name, r=case.r, tokens=(counts[0], counts[-1]), nodes=(len(base.graph.node),
                    len(patched.graph.node)), export_s=(t_base, t_patched), flop_ratio=ratio,
                    wall=(median_ms(wall["unpatched"]), median_ms(wall["patched"])),
-                   cpu=(median_ms(cpu["unpatched"]), median_ms(cpu["patched"])))
+                   cpu=(median_ms(cpu["unpatched"]), median_ms(cpu["patched"])),
+                   cpu_r0=median_ms(cpu["patched r=0"]), nodes_r0=len(patched0.graph.node))
         row["speedup_wall"] = row["wall"][0] / row["wall"][1]
         row["speedup_cpu"] = row["cpu"][0] / row["cpu"][1]
         progress(f"    wall {row['wall'][0]:.0f} -> {row['wall'][1]:.0f} ms ({row['speedup_wall']:.2f}x), CPU "
-                 f"{row['cpu'][0]:.0f} -> {row['cpu'][1]:.0f} ms ({row['speedup_cpu']:.2f}x), FLOPs {ratio:.2f}x, "
-                 f"nodes {row['nodes'][0]} -> {row['nodes'][1]}")
+                 f"{row['cpu'][0]:.0f} -> {row['cpu'][1]:.0f} ms ({row['speedup_cpu']:.2f}x; patched r=0 "
+                 f"{row['cpu_r0']:.0f} ms), FLOPs {ratio:.2f}x, nodes {row['nodes'][0]} -> {row['nodes'][1]}")
         rows.append(row)
     return rows
 
@@ -147,8 +152,8 @@ def model_rows(cases, rounds: int, tiny: bool, threads: int) -> List[dict]:
 def table(rows: List[dict]) -> str:
     lines = [
         "| model | r | tokens in -> out | ONNX nodes (unpatched -> patched) | export s | wall ms | speedup (wall) "
-        "| CPU ms | speedup (CPU) | FLOP ratio | speedup / FLOP ratio (wall, CPU) |",
-        "|---|---:|---|---|---|---|---:|---|---:|---:|---|",
+        "| CPU ms | speedup (CPU) | FLOP ratio | speedup / FLOP ratio (wall, CPU) | patched r=0: nodes, CPU ms |",
+        "|---|---:|---|---|---|---|---:|---|---:|---:|---|---|",
     ]
     for w in rows:
         lines.append(
@@ -156,7 +161,8 @@ def table(rows: List[dict]) -> str:
             f"({w['nodes'][1] / w['nodes'][0]:.2f}x) | {w['export_s'][0]:.0f} / {w['export_s'][1]:.0f} "
             f"| {w['wall'][0]:.1f} -> {w['wall'][1]:.1f} | {w['speedup_wall']:.2f}x "
             f"| {w['cpu'][0]:.1f} -> {w['cpu'][1]:.1f} | {w['speedup_cpu']:.2f}x | {w['flop_ratio']:.2f}x "
-            f"| {w['speedup_wall'] / w['flop_ratio']:.2f}, {w['speedup_cpu'] / w['flop_ratio']:.2f} |")
+            f"| {w['speedup_wall'] / w['flop_ratio']:.2f}, {w['speedup_cpu'] / w['flop_ratio']:.2f} "
+            f"| {w['nodes_r0']}, {w['cpu_r0']:.1f} |")
     return "\n".join(lines)
 
 

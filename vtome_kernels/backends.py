@@ -4,7 +4,8 @@ A backend is a module with the same functions as ``reference.py`` (``match``, ``
 ``merge_source``, ``unmerge``, ``prop_attention``, ...) plus ``status()`` -> (available,
 why) and ``supports(device)`` -> None or the reason it cannot run on that device. Modules
 are imported on first use, so ``import vtome_kernels`` never imports Triton or touches a
-GPU driver.
+GPU driver (``graph``, plain PyTorch, is imported here: it is also the choice of every
+name while an exporter traces).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from types import ModuleType
 from typing import Dict, NamedTuple
 
 import torch
+
+from . import graph
 
 # name -> module; "auto" tries them in this order for each device type.
 _MODULES = {
@@ -83,7 +86,6 @@ def _resolve(backend: str, op: str, device: torch.device) -> ModuleType:
     """
     if not isinstance(backend, str) or backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
-    graph = importlib.import_module(_MODULES["graph"])
     if graph.exporting():  # exported graphs hold plain aten ops only, whatever was asked for
         return graph
     if backend == "auto":

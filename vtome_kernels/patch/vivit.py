@@ -29,10 +29,10 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, *
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     st = self._vt_state
-    if attention_mask is not None and st.merging():
-        if st.user_mask:
-            raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
+    if attention_mask is not None and not st.user_mask:
         attention_mask = None  # transformers' all-attend mask, built while exporting (no value checks then)
+    if attention_mask is not None and st.merging():
+        raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
     x = hidden_states
     a = self.attention
     out, _ = a(self.layernorm_before(x), attention_mask)  # as a module: output_attentions records it
@@ -80,7 +80,8 @@ def _embed_forward(self, pixel_values, interpolate_pos_encoding: bool = False):
 class _UserMask(StateHook):
     """Pre-hook of VivitModel: did the caller pass an attention_mask? While exporting,
     transformers turns "no mask" into an all-attend one (it cannot read values then); the
-    layers drop that one when merging and refuse a mask the caller gave."""
+    layers drop that one (same result, no [N, N] mask in the graph) and refuse a mask the
+    caller gave when merging."""
 
     def __call__(self, module, args, kwargs):
         given = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
