@@ -45,10 +45,7 @@ inline void incoming(const int64_t* dst, int64_t r, int64_t n_out, Incoming& in)
   for (int64_t j = 0; j < r; ++j) in.list[fill[dst[j]]++] = j;
 }
 
-// The CPU kernels other op files build on (match.cpp, merge.cpp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::Tensor& metric,
-                                                                     int64_t r, bool class_token,
-                                                                     bool distill_token);
+// The merge kernel that merge_fused.cpp builds on (merge.cpp); match.h has the matching's.
 std::tuple<at::Tensor, at::Tensor> merge_cpu_impl(const at::Tensor& x, const at::Tensor& size,
                                                   const at::Tensor& out_idx,
                                                   const at::Tensor& src_idx,

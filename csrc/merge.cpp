@@ -400,17 +400,6 @@ at::Tensor unmerge_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(vtome, m) {
-  m.def("merge(Tensor x, Tensor size, Tensor out_idx, Tensor src_idx, Tensor dst_pos, "
-        "Tensor? src_merged) -> (Tensor, Tensor)");
-  m.def("merge_backward(Tensor grad, Tensor? grad_size, Tensor x, Tensor size, Tensor out_idx, "
-        "Tensor src_idx, Tensor dst_pos, Tensor? src_merged) -> (Tensor, Tensor)");
-  m.def("merge_source(Tensor source, Tensor out_idx, Tensor src_idx, Tensor dst_pos, "
-        "Tensor? src_merged) -> Tensor");
-  m.def("unmerge(Tensor y, Tensor out_idx, Tensor src_idx, Tensor dst_pos, int n) -> Tensor");
-  m.def("unmerge_backward(Tensor grad, Tensor out_idx, Tensor src_idx, Tensor dst_pos) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(vtome, CPU, m) {
   m.impl("merge", &merge_cpu);
   m.impl("merge_backward", &merge_backward_cpu);

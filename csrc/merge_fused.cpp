@@ -1,11 +1,11 @@
-// vtome::merge_fused: match + merge of mode "merge" in one op (what vt.merge does for one
-// layer), for the fast path of merge.py. Same kernels as vtome::match and vtome::merge, one
-// call: it saves the per-call work of the general path (plan object, checks, two
+// vtome::merge_fused on CPU: match + merge of mode "merge" in one op (what vt.merge does
+// for one layer). The stages of vtome::match (match.h) then the merge kernel of
+// vtome::merge, in one call: it saves the per-call work of a plan (object, checks, two
 // dispatches), which is a large share at ViT-B size (BENCHMARKS.md, C++ CPU backend).
 // Returns (x_out, size_out, out_idx, src_idx, dst_pos): the indices feed the backward.
 #include <torch/library.h>
 
-#include "common.h"
+#include "match.h"
 
 namespace vtome {
 namespace {
@@ -17,18 +17,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_fus
                   x.size(1) == metric.size(1),
               "x [G, N, C] and metric [G, N, d] must share G and N, got ", x.sizes(), " and ",
               metric.sizes());
-  auto [out_idx, src_idx, dst_pos, src_score] = match_cpu(metric, r, class_token, distill_token);
+  check_match_args(metric, r, class_token, distill_token);
+  const scores::Kernel& kern = scores::best_kernel();
+  const Halves h = normalise_pack(metric, distill_token, kern.tile_cols);
+  const RowMax m = row_max(h, class_token, distill_token, kern);
+  auto [out_idx, src_idx, dst_pos, src_score] =
+      rank_layout(m, h.g, h.n, r, class_token, distill_token, metric.options());
   auto [x_out, size_out] = merge_cpu_impl(x, size.has_value() ? *size : at::Tensor(), out_idx,
                                           src_idx, dst_pos, c10::nullopt);
   return {x_out, size_out, out_idx, src_idx, dst_pos};
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(vtome, m) {
-  m.def("merge_fused(Tensor x, Tensor? size, Tensor metric, int r, bool class_token, "
-        "bool distill_token) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(vtome, CPU, m) { m.impl("merge_fused", &merge_fused_cpu); }
 

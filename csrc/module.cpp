@@ -1,6 +1,8 @@
-// The Python module vtome_kernels._C. Importing it registers the vtome:: ops of every
-// csrc/*.cpp (their TORCH_LIBRARY_FRAGMENT blocks run when the library loads); the module
-// itself only says which score kernel this CPU got.
+// The Python module vtome_kernels._C. Importing it registers the CPU kernels of the vtome::
+// ops (the TORCH_LIBRARY_IMPL(vtome, CPU, m) blocks of every csrc/*.cpp run when the
+// library loads); the ops themselves (schemas, fakes, autograd) are defined in Python by
+// vtome_kernels/ops.py, so they exist without this module. The module itself only says
+// which score kernel this CPU got.
 #include <pybind11/pybind11.h>
 
 #include "scores/scores.h"

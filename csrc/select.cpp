@@ -258,11 +258,6 @@ at::Tensor select_scores_cpu(const at::Tensor& x_in, int64_t groups) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(vtome, m) {
-  m.def("select(Tensor x, int k_per_group, int groups) -> (Tensor, Tensor)");
-  m.def("select_scores(Tensor x, int groups) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(vtome, CPU, m) {
   m.impl("select", &select_cpu);
   m.impl("select_scores", &select_scores_cpu);

@@ -1,8 +1,11 @@
-"""Shared test cases for merging: every backend is checked on these same inputs.
+"""Shared test cases: every backend is checked on these same inputs.
 
-A Case describes one random input (shape, flags, dtype, sizes, duplicated tokens, memory
-layout); ``make`` builds it reproducibly from its seed. ``CASES`` is the fixed list the
-parametrised tests run; ``cases()`` is the hypothesis strategy for the broad sweep.
+Merging: a Case describes one random input (shape, flags, dtype, sizes, duplicated
+tokens, memory layout); ``make`` builds it reproducibly from its seed; ``merge_cases()``
+is the fixed list the parametrised tests run, ``cases()`` the hypothesis strategy for the
+broad sweep. Selection: ``make_clip`` builds a clip x [B, T, L, C] (static patches, frozen
+clips), ``SELECT_CASES`` / ``select_cases()`` the fixed (shape, groups, budget) list and
+``check_select`` compares a result with the loop oracle.
 """
 
 from __future__ import annotations
@@ -128,6 +131,17 @@ def assert_same_plan(plan, expected) -> None:
     torch.testing.assert_close(plan.src_score.cpu(), expected.src_score.cpu(), atol=1e-5, rtol=1e-5)
 
 
+def assert_identical_plan(plan, expected) -> None:
+    """The same matching and bit-identical float32 scores (NaN included): what every
+    backend's exact matching must give against the reference's."""
+    score, ref = plan.src_score, expected.src_score
+    assert torch.equal(score.view(torch.int32), ref.view(torch.int32)), f"{score}\nvs\n{ref}"
+    if not score.isnan().any():
+        assert_same_plan(plan, expected)
+    for field in ("out_idx", "src_idx", "dst_idx", "unm_idx", "merged"):
+        assert torch.equal(getattr(plan, field), getattr(expected, field)), field
+
+
 def merge_cases():
     """The fixed cases every backend runs: the foundation's list of what must hold."""
     out = []
@@ -172,3 +186,51 @@ def cases(draw, dtypes=(torch.float32, torch.bfloat16, torch.float16), max_n=40)
         contiguous=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
+
+
+# --------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------
+def make_clip(shape, seed=0, dtype=torch.float32, static=0.0, dup_frames=False):
+    """Random x [B, T, L, C]; ``static`` of the patches never change (score 0: exact ties);
+    dup_frames: every frame a copy of frame 0 (every score 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if dup_frames:
+        x = x[:, :1].expand(shape).clone()
+    elif static:
+        still = torch.rand(shape[0], 1, shape[2], 1, generator=g) < static
+        x = torch.where(still, x[:, :1], x)
+    return x.to(dtype)
+
+
+SELECT_CASES = [
+    # (shape [B, T, L, C], groups, budgets)
+    ((2, 8, 6, 5), "auto", (4, 5, 7, 20, 47, 48, 100)),  # G = 4
+    ((2, 6, 7, 4), "auto", (2, 5, 13, 41, 42)),  # G = 2, odd L
+    ((1, 7, 5, 3), "auto", (1, 6, 34, 35)),  # T odd: G = 1
+    ((2, 4, 4, 6), "auto", (2, 3, 9, 16)),  # T = 4: G = 2 (4 would leave 1 frame)
+    ((2, 2, 3, 4), "auto", (1, 5, 6)),  # G = 1
+    ((2, 1, 9, 3), "auto", (1, 4, 9, 10)),  # one frame: scores 0, first patches kept
+    ((1, 8, 5, 3), 8, (8, 16, 39, 40)),  # explicit, one frame a group
+    ((2, 8, 5, 3), 2, (2, 17, 40)),
+    ((1, 6, 5, 7), 3, (3, 10, 29)),
+    ((1, 12, 3, 4), 6, (6, 18, 35)),
+    ((2, 9, 4, 5), 3, (3, 11, 35)),
+    ((1, 16, 9, 3), "auto", (4, 40, 143)),  # a group of 36 patches, C below the unroll
+    ((1, 4, 18, 32), "auto", (6, 31, 71)),  # full 16-patch tiles of the C++ kernel
+]
+
+
+def select_cases():
+    """(shape, groups, budget) for every budget of SELECT_CASES."""
+    return [(shape, groups, budget) for shape, groups, budgets in SELECT_CASES for budget in budgets]
+
+
+def check_select(kept, index, x, budget, groups="auto"):
+    """The loop oracle's positions, and exactly x's rows at them (raises oracle.Ambiguous)."""
+    rows, idx = oracle.select(x, budget, groups)
+    assert index.dtype == torch.int64
+    assert index.tolist() == idx
+    assert kept.dtype == x.dtype and kept.shape == (x.shape[0], len(idx[0]), x.shape[-1])
+    assert kept.double().tolist() == rows

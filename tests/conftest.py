@@ -25,6 +25,10 @@ import pytest  # noqa: E402
 # ("auto", the benchmark providers) and nothing else runs the slow interpreter.
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
+    try:  # imported now, so no later test (with the variable unset) imports it compiled
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -36,13 +40,15 @@ def _triton_interpret_only_when_asked(request, monkeypatch):
 
 @pytest.fixture
 def triton_interpret(monkeypatch):
-    """Run the Triton backend in Triton's CPU interpreter for one test."""
+    """Run the Triton backend in Triton's CPU interpreter for one test: the vtome ops'
+    CPU dispatch key is lent to the Triton kernels (vtome_kernels.triton.cpu_interpreter)."""
     pytest.importorskip("triton")
     if not _INTERPRET_AT_IMPORT:
         pytest.fail("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import vtome_kernels.triton as backend
+    from vtome_kernels.triton import backend
 
-    why = backend.supports("cpu")
-    assert why is None, why
-    return backend
+    with backend.cpu_interpreter():
+        why = backend.supports("cpu")
+        assert why is None, why
+        yield backend

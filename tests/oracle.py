@@ -1,4 +1,5 @@
-"""A slow, obviously-correct loop oracle of ALGORITHM.md section 1, for one matching group.
+"""Slow, obviously-correct loop oracles: merging (ALGORITHM.md section 1, one matching
+group) and selection (section 5, ``select``).
 
 It shares no code with vtome_kernels.reference: plain Python loops, float64 arithmetic,
 lists of member positions. Scores are compared in float64, so it cannot reproduce the
@@ -15,6 +16,7 @@ import math
 from typing import List, Optional, Sequence
 
 AMBIGUOUS = 1e-6  # ten times float32 rounding of a cosine, far below random gaps
+SELECT_AMBIGUOUS = 1e-5  # relative gap of two change scores at the keep boundary
 
 
 class Ambiguous(Exception):
@@ -176,3 +178,59 @@ def unmerge_group(result: Result, y: Sequence[Sequence[float]]) -> List[List[flo
     for s, d in zip(result.src, result.dst):
         where[s] = where[d]
     return [list(map(float, y[where[p]])) for p in range(result.n)]
+
+
+# --------------------------------------------------------------------------------------
+# selection (FluxViT): plain loops over float64 numbers, sharing no code with vtome_kernels.
+# Its scores are exact (float64 squares of float32-exact differences summed in float64)
+# while the backends round in float32, so it knows which comparisons are exact instead:
+# equal scores from bitwise-identical vector pairs (or two zero changes) tie exactly
+# everywhere; two other scores closer than SELECT_AMBIGUOUS at the keep boundary are a
+# near-tie that float32 may order either way, and the oracle refuses such an input.
+# --------------------------------------------------------------------------------------
+def select_groups(t: int, groups) -> int:
+    """The group count of ``groups`` ("auto": the largest of 4, 2, 1 leaving >= 2 frames)."""
+    if groups != "auto":
+        return groups
+    for g in (4, 2, 1):
+        if t % g == 0 and t // g >= 2:
+            return g
+    return 1
+
+
+def select(x, budget: int, groups="auto"):
+    """(kept rows as lists of floats, index lists) per clip of x [B, T, L, C], by loops."""
+    b_, t_, l_, c_ = x.shape
+    g_ = select_groups(t_, groups)
+    f_ = t_ // g_
+    xs = x.double().tolist()
+    if budget >= t_ * l_:
+        k = t_ * l_
+    else:
+        k = budget - budget % g_
+    per = k // g_
+    out_idx, out_rows = [], []
+    for b in range(b_):
+        chosen = []
+        for g in range(g_):
+            items = []  # (score, position, identity of the scored pair)
+            for fr in range(g * f_, (g + 1) * f_):
+                for l in range(l_):
+                    if f_ == 1:
+                        score, ident = 0.0, "zero"
+                    else:
+                        cur = fr + 1 if fr == g * f_ else fr
+                        a, p = xs[b][cur][l], xs[b][cur - 1][l]
+                        score = sum((u - v) ** 2 for u, v in zip(a, p))
+                        ident = "zero" if a == p else (tuple(a), tuple(p))
+                    items.append((score, fr * l_ + l, ident))
+            ranked = sorted(items, key=lambda it: (-it[0], it[1]))
+            if per < len(ranked):
+                (s1, _, i1), (s2, _, i2) = ranked[per - 1], ranked[per]
+                if i1 != i2 and abs(s1 - s2) <= SELECT_AMBIGUOUS * max(s1, s2, 1e-30):
+                    raise Ambiguous(f"near-tie {s1} vs {s2} at the keep boundary")
+            chosen.extend(sorted(pos for _, pos, _ in ranked[:per]))
+        out_idx.append(chosen)
+        flat = [row for frame in xs[b] for row in frame]
+        out_rows.append([flat[i] for i in chosen])
+    return out_rows, out_idx

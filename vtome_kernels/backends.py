@@ -1,11 +1,38 @@
-"""The backend registry: which implementations exist, which are usable here, and why not.
+"""The backend registry and contract: which implementations exist, which run here, "auto".
 
-A backend is a module with the same functions as ``reference.py`` (``match``, ``merge``,
-``merge_source``, ``unmerge``, ``prop_attention``, ...) plus ``status()`` -> (available,
-why) and ``supports(device)`` -> None or the reason it cannot run on that device. Modules
-are imported on first use, so ``import vtome_kernels`` never imports Triton or touches a
-GPU driver (``graph``, plain PyTorch, is imported here: it is also the choice of every
-name while an exporter traces).
+The ops. Every pipeline stage is one op of the ``vtome`` namespace, defined once in
+ops.py (schema, fake, autograd): ``match``, ``merge`` (+ ``merge_backward``),
+``merge_fused`` (match + merge, what vt.merge calls), ``merge_source``, ``unmerge``
+(+ ``unmerge_backward``), ``select``, ``select_scores``, ``prop_attention``
+(+ ``prop_attention_backward``). A kernel backend registers implementations of these ops
+for its dispatch key and never defines ops of its own.
+
+A backend is a module with ``NAME``, ``status()`` -> (available, why),
+``supports(device)`` -> None or the reason it cannot run there, and one function per
+stage with the signatures of reference.py: ``match``, ``merge``, ``merge_fused``,
+``merge_source``, ``unmerge``, ``select``, ``select_scores``, ``prop_attention``. A
+kernel backend's stage functions are those of ops.py (they call the vtome:: ops); one
+without a fused kernel registers its match then its merge as the ``merge_fused`` kernel.
+
+The names users pass (API.md):
+- "reference": reference.py, plain PyTorch on every device; the specification.
+- "cpp": the CPU kernels of the C++ extension (cpp.py, csrc/); attention is torch's SDPA.
+- "triton": the Triton kernels, CUDA tensors (triton/backend.py); CPU tensors only in
+  Triton's interpreter inside ``vtome_kernels.triton.cpu_interpreter()`` (tests).
+- "graph": graph.py, plain vectorised aten ops (no vtome:: op) on every device; while an
+  exporter traces (torch.export, torch.onnx.export, torch.jit.trace) every name gives it,
+  so exported graphs hold standard ops only.
+- "auto": per device type, the first backend of ``_AUTO_ORDER[device.type]`` that is
+  available, has the stage and supports the device; the reference otherwise. On CPU
+  "cpp" then "reference"; on CUDA "triton" then "reference".
+
+Adding a backend (docs/DESIGN.md, "Adding a backend"), e.g. CUDA C++ kernels: register
+their implementations for the ops' dispatch key (``TORCH_LIBRARY_IMPL(vtome, CUDA, m)``
+in csrc/, built into the extension), write a module like cpp.py (stage functions from
+ops.py, status, supports), add it to ``_MODULES`` and to the device's ``_AUTO_ORDER``, and
+add its name to the backend list of tests/test_backends.py. Modules are imported on first
+use or, for the kernels' registration, at package import without importing Triton or
+touching a GPU driver.
 """
 
 from __future__ import annotations
@@ -22,7 +49,7 @@ from . import graph
 _MODULES = {
     "reference": "vtome_kernels.reference",
     "cpp": "vtome_kernels.cpp",
-    "triton": "vtome_kernels.triton",
+    "triton": "vtome_kernels.triton.backend",
     "graph": "vtome_kernels.graph",
 }
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}

@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import _checks, reference
 
 NAME = "graph"
 
@@ -201,12 +201,12 @@ def merge(x, size, out_idx, src_idx, dst_pos, src_merged=None):
 
 def merge_fused(x, size, metric, r: int, class_token: bool, distill_token: bool):
     """match + merge (mode "merge"): (x [G, N - r, C], size [G, N - r, 1]); size None = ones."""
-    s_dtype = torch.float32 if size is None else size.dtype
     if size is None:
-        size = torch.ones(x.shape[:-1] + (1,), dtype=reference.acc_dtype(x), device=x.device)
+        size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+    else:
+        _checks.sizes("size", size)  # skipped while exporting: no value check in a graph
     out_idx, src_idx, dst_pos, _ = match(metric, r, class_token, distill_token)
-    out_x, out_s = merge(x, size, out_idx, src_idx, dst_pos)
-    return out_x, out_s.to(s_dtype)
+    return merge(x, size, out_idx, src_idx, dst_pos)
 
 
 # The source map, unmerge and attention are already plain gathers, scatters and SDPA.

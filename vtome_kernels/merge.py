@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _checks, graph, reference
-from .backends import NAMES, BackendUnavailableError, resolve
+from .backends import resolve
 
 MODES = ("merge", "drop", "random_merge", "random_drop", "hybrid")
 
@@ -173,13 +173,7 @@ def match(
     """
     _checks.tensor("metric", metric, (3, 4))
     r = _checks.count("r", r)
-    _checks.flag("class_token", class_token)
-    _checks.flag("distill_token", distill_token)
-    if distill_token and not class_token:
-        raise ValueError("distill_token=True needs class_token=True (cls at 0, distillation at 1)")
-    _checks.mode_threshold(mode, threshold, MODES)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_flags(class_token, distill_token, mode, threshold, generator)
     resolve(backend, "match", metric.device)  # an unknown or unusable backend fails here
 
     lead, n, d = tuple(metric.shape[:-2]), metric.shape[-2], metric.shape[-1]
@@ -235,6 +229,17 @@ def _drop_destinations(out_idx, src_idx, dst_pos, dst_kept):
     return new_out, new_src, dst_pos, ~swap
 
 
+def _check_flags(class_token, distill_token, mode, threshold, generator) -> None:
+    """The matching options of match and merge."""
+    _checks.flag("class_token", class_token)
+    _checks.flag("distill_token", distill_token)
+    if distill_token and not class_token:
+        raise ValueError("distill_token=True needs class_token=True (cls at 0, distillation at 1)")
+    _checks.mode_threshold(mode, threshold, MODES)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def _identity(flat: torch.Tensor):
     """The tensors of a plan that merges nothing."""
     g, n, _ = flat.shape
@@ -260,6 +265,8 @@ def merge(
 
     Returns (x, size) with N - r' tokens, r' = min(r, (N - protected) // 2); metric=None
     matches x itself. Size-weighted mean in float32, output in x's dtype; differentiable in x.
+    Mode "merge" is one call of the backend's fused match+merge stage; the other modes
+    build a plan (``match``) and apply it.
     """
     _checks.tensor("x", x, (3, 4))
     if metric is None:
@@ -271,44 +278,28 @@ def merge(
     if size is not None:
         _checks.tensor("size", size, (x.dim(),))
         _checks.same_device(x=x, size=size)
-    fused = _merge_fused(x, size, metric, r, class_token, distill_token, mode, threshold,
-                         generator, backend)
-    if fused is not None:
-        return fused
-    plan = match(
-        metric, r, class_token=class_token, distill_token=distill_token, mode=mode,
-        threshold=threshold, generator=generator, backend=backend,
-    )
-    return plan.merge(x, size)
-
-
-def _merge_fused(x, size, metric, r, class_token, distill_token, mode, threshold, generator, backend):
-    """The fast path of merge(): one backend call for match + merge where the backend has a
-    fused op (the C++ backend), for plain well-formed calls. None: take the general path,
-    which also raises every documented error. Saves the general path's per-call work (plan,
-    second dispatch, a separate size pass): measured in BENCHMARKS.md, C++ CPU backend."""
-    if (mode != "merge" or threshold is not None or generator is not None or type(r) is not int
-            or type(class_token) is not bool or type(distill_token) is not bool
-            or (distill_token and not class_token) or backend not in NAMES or metric.shape[-1] == 0):
-        return None
-    n, c = x.shape[-2], x.shape[-1]
+        _checks.leading("size", size, x.shape[:-1], 1, "x")
+    if mode != "merge":
+        plan = match(metric, r, class_token=class_token, distill_token=distill_token, mode=mode,
+                     threshold=threshold, generator=generator, backend=backend)
+        return plan.merge(x, size)
+    r = _checks.count("r", r)
+    _check_flags(class_token, distill_token, mode, threshold, generator)
+    module = resolve(backend, "merge_fused", x.device)
+    n, c, d = x.shape[-2], x.shape[-1], metric.shape[-1]
+    if d == 0:
+        raise ValueError(f"metric must have a last dim >= 1, got shape {tuple(metric.shape)}")
     r = min(r, (int(n) - int(class_token) - int(distill_token)) // 2)
-    if r <= 0 or (size is not None and size.shape != x.shape[:-1] + (1,)):
-        return None
-    try:
-        # The module that would merge; only some (cpp) also have the fused op. Resolving
-        # "merge" rather than "merge_fused" keeps a backend without it from raising here
-        # (which torch.compile could not trace).
-        fused = getattr(resolve(backend, "merge", x.device), "merge_fused", None)
-    except BackendUnavailableError:
-        return None
-    if fused is None:
-        return None
-    if metric.requires_grad:
-        metric = metric.detach()
-    if x.dim() == 3:  # [B, N, C] is already one group a clip; the fused op checks the sizes
-        return fused(x, size, metric, r, class_token, distill_token)
-    out_x, out_s = fused(x.reshape(-1, n, c), None if size is None else size.reshape(-1, n, 1),
-                         metric.reshape(-1, n, metric.shape[-1]), r, class_token, distill_token)
+    if r <= 0:
+        if size is None:
+            size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+        else:
+            _checks.sizes("size", size)
+        return x, size
+    if x.dim() == 3:  # [B, N, C] is one group a clip already
+        return module.merge_fused(x, size, metric.detach(), r, class_token, distill_token)
+    out_x, out_s = module.merge_fused(
+        x.reshape(-1, n, c), None if size is None else size.reshape(-1, n, 1),
+        metric.detach().reshape(-1, n, d), r, class_token, distill_token)
     lead = x.shape[:-2] + (n - r,)
     return out_x.reshape(lead + (c,)), out_s.reshape(lead + (1,))

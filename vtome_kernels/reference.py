@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import _checks
+
 NAME = "reference"
 
 # A zero metric vector normalises to zero (cosine 0 with everything) instead of NaN.
@@ -171,6 +173,19 @@ def merge(x, size, out_idx, src_idx, dst_pos, src_merged=None):
     received = torch.zeros_like(base_s).scatter_add(1, dst_pos[..., None], merged[..., None]) > 0
     x_out = torch.where(received, tot_x / tot_s, base_x)
     return x_out.to(x.dtype), tot_s.to(size.dtype)
+
+
+def merge_fused(x, size, metric, r: int, class_token: bool, distill_token: bool):
+    """The fused stage, match then merge (mode "merge"): (x [G, N - r, C], size [G, N - r, 1]).
+
+    size None means ones (the returned sizes are then float32); sizes must be positive.
+    """
+    if size is None:
+        size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+    else:
+        _checks.sizes("size", size)
+    out_idx, src_idx, dst_pos, _ = match(metric, r, class_token, distill_token)
+    return merge(x, size, out_idx, src_idx, dst_pos)
 
 
 def merge_source(source, out_idx, src_idx, dst_pos, src_merged=None):

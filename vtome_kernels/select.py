@@ -56,26 +56,6 @@ def kept_count(budget: int, frames: int, per_frame: int, groups: int) -> int:
     return k
 
 
-class _Select(torch.autograd.Function):
-    """Selection through a backend; the gradient flows to the kept rows of x."""
-
-    @staticmethod
-    def forward(ctx, x, k_per_group, groups, module):
-        kept, index = module.select(x, k_per_group, groups)
-        ctx.save_for_backward(index)
-        ctx.shape = x.shape
-        ctx.mark_non_differentiable(index)
-        return kept, index
-
-    @staticmethod
-    def backward(ctx, grad_kept, _grad_index):
-        (index,) = ctx.saved_tensors
-        b, t, l, c = ctx.shape
-        grad = grad_kept.new_zeros(b, t * l, c)
-        grad.scatter_(1, index[..., None].expand(-1, -1, c), grad_kept)
-        return grad.reshape(b, t, l, c), None, None, None
-
-
 def select(
     x: torch.Tensor,
     budget: int,
@@ -105,6 +85,4 @@ def select(
     if k == t * l or b == 0:
         index = torch.arange(k, device=x.device).expand(b, k).contiguous()
         return (x.reshape(b, t * l, c) if k == t * l else x.new_zeros(b, k, c)), index
-    if module.NAME == "graph":  # plain differentiable aten ops: an exported graph holds no Function
-        return module.select(x, k // g, g)
-    return _Select.apply(x, k // g, g, module)
+    return module.select(x, k // g, g)  # the op's autograd (ops.py) carries the gradient

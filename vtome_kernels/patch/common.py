@@ -215,8 +215,8 @@ class MergeState:
                     self.source = plan.merge_source(self.source)
                 x, self.size = plan.merge(x, self.size)
         elif (x.shape[-2] - p) // 2 > 0:  # as the plan path: nothing to merge leaves size as it is
-            # vt.merge: one fused call where the backend has one (BENCHMARKS.md, C++ backend
-            # item 6: a third of the general path's per-call cost).
+            # vt.merge: one call of the backend's fused match+merge stage (BENCHMARKS.md, C++
+            # backend item 6: a third of the general path's per-call cost).
             x, self.size = merge_tokens(x, self.size, r, metric=metric, class_token=self.class_token,
                                         distill_token=self.distill_token, backend=self.backend)
         if self.timing:

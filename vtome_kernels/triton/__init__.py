@@ -1,27 +1,21 @@
-"""Triton backend: fused matching, merging and proportional attention (issue 3).
+"""Triton kernels: fused matching, merging, selection and proportional attention.
 
-The backend contract of ``backends.py``: ``NAME``, ``status()``, ``supports(device)`` and
-the functions of ``reference.py`` with the same signatures and results (same matching
-bit for bit in float32, merged values within float32 rounding). Kernels live in
-``match.py``, ``merge.py`` and ``attention.py`` and are imported on first use, so importing
-this module neither imports Triton nor touches a GPU driver.
+One file per kernel family (``match.py``, ``merge.py``, ``select.py``, ``attention.py``:
+kernels and their launch helpers) and ``backend.py``, the "triton" backend, which
+registers them as the CUDA kernels of the vtome:: ops (ops.py). Importing this package
+neither imports Triton nor touches a GPU driver: the kernel files are imported on the
+first call. This module holds what the kernel files share.
 
-CUDA tensors run compiled kernels. CPU tensors run only when this backend is asked for by
-name and ``TRITON_INTERPRET=1`` was set before the kernels were first imported (Triton's
-interpreter: exact but slow, meant for tests).
+CUDA tensors run compiled kernels. CPU tensors run in Triton's interpreter (exact but
+slow, meant for tests): ``TRITON_INTERPRET=1`` set before triton is first imported, and
+the call made inside ``cpu_interpreter()`` (backend.py), which lends the ops' CPU
+dispatch key to these kernels.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import types
-from typing import Optional, Tuple
 
-import torch
-
-NAME = "triton"
 # How match computes similarities: "exact" (default) accumulates k = 0..d-1 one multiply
 # and one add at a time, bit-identical to the reference; "tf32" uses tl.dot tiles on tensor
 # cores (faster on a GPU) and may then break exact ties and near-ties differently.
@@ -40,89 +34,4 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def status() -> Tuple[bool, str]:
-    """(available, why): Triton must be importable (its import touches no driver)."""
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install triton)"
-    try:
-        import triton
-    except Exception as exc:  # a broken install: say what failed
-        return False, f"triton failed to import: {exc!r}"
-    mode = "interpreter on CPU tensors (TRITON_INTERPRET=1)" if interpreting() else "CUDA tensors"
-    return True, f"triton {triton.__version__}: {mode}"
-
-
-def _loaded_compiled() -> bool:
-    """Kernels already imported as compiled (not interpreted) functions."""
-    mod = sys.modules.get("vtome_kernels.triton.match")
-    if mod is None:
-        return False
-    return type(mod._match_kernel).__name__ != "InterpretedFunction"
-
-
-def supports(device: torch.device) -> Optional[str]:
-    """None if the kernels can run on ``device``, else the reason."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        if interpreting():
-            return "TRITON_INTERPRET=1 is set: the kernels run on CPU tensors only"
-        return None
-    if device.type == "cpu":
-        if not interpreting():
-            return ("Triton compiles for GPUs; CPU tensors run only in its interpreter, "
-                    "set TRITON_INTERPRET=1 (slow, for tests)")
-        if _loaded_compiled():
-            return ("the kernels were imported before TRITON_INTERPRET=1 was set; "
-                    "set it before the first use")
-        return None
-    return f"Triton kernels run on CUDA tensors, not {device.type}"
-
-
-def match(metric, r: int, class_token: bool, distill_token: bool):
-    """reference.match in two launches (scores, then ranking); no score matrix is stored."""
-    from .match import match_op
-    return match_op(metric, r, class_token, distill_token, MATCH_PRECISION)
-
-
-def merge(x, size, out_idx, src_idx, dst_pos, src_merged=None):
-    """reference.merge in one launch; differentiable in x and size."""
-    from .merge import merge_op
-    return merge_op(x, size, out_idx, src_idx, dst_pos, src_merged)
-
-
-def merge_source(source, out_idx, src_idx, dst_pos, src_merged=None):
-    """reference.merge_source in one launch (union of the members' 0/1 rows)."""
-    from .merge import merge_source_op
-    return merge_source_op(source, out_idx, src_idx, dst_pos, src_merged)
-
-
-def unmerge(y, out_idx, src_idx, dst_pos, n: int):
-    """reference.unmerge in one launch; differentiable in y."""
-    from .merge import unmerge_op
-    return unmerge_op(y, out_idx, src_idx, dst_pos, n)
-
-
-def prop_attention(q, k, v, size, scale: float):
-    """reference.prop_attention as a flash-style kernel; differentiable in q, k and v."""
-    from .attention import prop_attention_op
-    return prop_attention_op(q, k, v, size, scale)
-
-
-def select(x, k_per_group: int, groups: int):
-    """reference.select in two launches (scores, then per-group top-K and gather)."""
-    from .select import select as select_kernel
-    return select_kernel(x, k_per_group, groups)
-
-
-class _BackendModule(types.ModuleType):
-    """Keeps the contract functions ``match`` / ``merge`` / ``select`` when their kernel submodules (of
-    the same names) are imported: Python would otherwise overwrite the package attribute
-    with the submodule. The submodules stay reachable through ``sys.modules``."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and name in ("match", "merge", "select"):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _BackendModule
+from .backend import cpu_interpreter  # noqa: E402,F401  (after the names backend.py reads)

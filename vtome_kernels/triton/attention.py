@@ -11,8 +11,6 @@ on upcast operands (its bfloat16 dot is wrong).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -243,52 +241,3 @@ def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
            q, k, v, s, dout, lse, delta, dq, *common, **meta)
     return dq, dk, dv
 
-
-# --------------------------------------------------------------------------------------
-# custom ops
-# --------------------------------------------------------------------------------------
-Tensor = torch.Tensor
-
-
-@torch.library.custom_op("vtome_kernels::triton_prop_attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor], scale: float
-                 ) -> Tuple[Tensor, Tensor]:
-    """(out, lse); the log-sum-exp is kept for the backward."""
-    return attn_fwd(q, k, v, size, scale)
-
-
-@attention_op.register_fake
-def _attention_fake(q, k, v, size, scale):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
-
-
-@torch.library.custom_op("vtome_kernels::triton_prop_attention_backward", mutates_args=())
-def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
-                          out: Tensor, lse: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return attn_bwd(dout, q, k, v, size, out, lse, scale)
-
-
-@attention_backward_op.register_fake
-def _attention_backward_fake(dout, q, k, v, size, out, lse, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, size, scale = inputs
-    ctx.scale = scale
-    ctx.save_for_backward(q, k, v, size, output[0], output[1])
-
-
-def _attention_backward(ctx, dout, dlse):
-    q, k, v, size, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, q, k, v, size, out, lse, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
-
-
-def prop_attention_op(q, k, v, size, scale: float):
-    """softmax(q·kᵀ·scale + log(size)ᵀ)·v through the custom op (differentiable in q, k, v)."""
-    return attention_op(q, k, v, size, scale)[0]

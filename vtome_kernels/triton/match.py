@@ -14,8 +14,6 @@ the output layout of ``reference._layout`` directly; one launch, many programs p
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -273,20 +271,3 @@ def match_impl(metric: torch.Tensor, r: int, class_token: bool, distill_token: b
     node_max, node_idx = row_max(metric, class_token, distill_token, precision)
     return rank(node_max, node_idx, metric.shape[1], r, class_token, distill_token)
 
-
-Tensor = torch.Tensor
-
-
-@torch.library.custom_op("vtome_kernels::triton_match", mutates_args=())
-def match_op(metric: Tensor, r: int, class_token: bool, distill_token: bool,
-             precision: str = "exact") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The matching as one op (no gradient: it is a discrete choice)."""
-    return match_impl(metric, r, class_token, distill_token, precision)
-
-
-@match_op.register_fake
-def _match_fake(metric, r, class_token, distill_token, precision="exact"):
-    g, n = metric.shape[0], metric.shape[1]
-    long = dict(dtype=torch.long)
-    return (metric.new_empty(g, n - r, **long), metric.new_empty(g, r, **long),
-            metric.new_empty(g, r, **long), metric.new_empty(g, r, dtype=torch.float32))

@@ -8,8 +8,6 @@ order, one block of sources at a time) and reduces them in a fixed order. Offset
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -226,97 +224,3 @@ def merge_bwd(grad_x, grad_s, x, size, out_x, out_s, out_idx, src_idx, dst_pos, 
            ACC=_acc(x.dtype), BLOCK_C=bc, num_warps=WARPS)
     return grad_in, grad_size
 
-
-# --------------------------------------------------------------------------------------
-# custom ops: opaque to torch.compile, with fake (meta) kernels and autograd
-# --------------------------------------------------------------------------------------
-Tensor = torch.Tensor
-
-
-@torch.library.custom_op("vtome_kernels::triton_merge", mutates_args=())
-def merge_op(x: Tensor, size: Tensor, out_idx: Tensor, src_idx: Tensor, dst_pos: Tensor,
-             src_merged: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return merge_fwd(x, size, out_idx, src_idx, dst_pos, src_merged)
-
-
-@merge_op.register_fake
-def _merge_fake(x, size, out_idx, src_idx, dst_pos, src_merged):
-    g, n_out, c = x.shape[0], out_idx.shape[1], x.shape[2]
-    return x.new_empty(g, n_out, c), size.new_empty(g, n_out, 1)
-
-
-@torch.library.custom_op("vtome_kernels::triton_merge_backward", mutates_args=())
-def merge_backward_op(grad_x: Tensor, grad_s: Tensor, x: Tensor, size: Tensor, out_x: Tensor,
-                      out_s: Tensor, out_idx: Tensor, src_idx: Tensor, dst_pos: Tensor,
-                      src_merged: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return merge_bwd(grad_x, grad_s.contiguous(), x, size, out_x, out_s, out_idx, src_idx,
-                     dst_pos, src_merged)
-
-
-@merge_backward_op.register_fake
-def _merge_backward_fake(grad_x, grad_s, x, size, out_x, out_s, out_idx, src_idx, dst_pos,
-                         src_merged):
-    return x.new_empty(x.shape), size.new_empty(x.shape[0], x.shape[1], 1)
-
-
-def _merge_setup(ctx, inputs, output):
-    x, size, out_idx, src_idx, dst_pos, src_merged = inputs
-    ctx.save_for_backward(x, size, output[0], output[1], out_idx, src_idx, dst_pos, src_merged)
-
-
-def _merge_backward(ctx, grad_x, grad_s):
-    x, size, out_x, out_s, out_idx, src_idx, dst_pos, src_merged = ctx.saved_tensors
-    if grad_s is None:
-        grad_s = torch.zeros_like(out_s)
-    if grad_x is None:
-        grad_x = torch.zeros_like(out_x)
-    gx, gs = merge_backward_op(grad_x, grad_s, x, size, out_x, out_s, out_idx, src_idx,
-                               dst_pos, src_merged)
-    return gx, gs, None, None, None, None
-
-
-merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
-
-
-@torch.library.custom_op("vtome_kernels::triton_merge_source", mutates_args=())
-def merge_source_op(source: Tensor, out_idx: Tensor, src_idx: Tensor, dst_pos: Tensor,
-                    src_merged: Optional[Tensor]) -> Tensor:
-    return merge_source_fwd(source, out_idx, src_idx, dst_pos, src_merged)
-
-
-@merge_source_op.register_fake
-def _merge_source_fake(source, out_idx, src_idx, dst_pos, src_merged):
-    return source.new_empty(source.shape[0], out_idx.shape[1], source.shape[2])
-
-
-@torch.library.custom_op("vtome_kernels::triton_unmerge", mutates_args=())
-def unmerge_op(y: Tensor, out_idx: Tensor, src_idx: Tensor, dst_pos: Tensor, n: int) -> Tensor:
-    return unmerge_fwd(y, out_idx, src_idx, dst_pos, n)
-
-
-@unmerge_op.register_fake
-def _unmerge_fake(y, out_idx, src_idx, dst_pos, n):
-    return y.new_empty(y.shape[0], n, y.shape[2])
-
-
-@torch.library.custom_op("vtome_kernels::triton_unmerge_backward", mutates_args=())
-def unmerge_backward_op(grad: Tensor, out_idx: Tensor, src_idx: Tensor, dst_pos: Tensor) -> Tensor:
-    return unmerge_bwd(grad, out_idx, src_idx, dst_pos)
-
-
-@unmerge_backward_op.register_fake
-def _unmerge_backward_fake(grad, out_idx, src_idx, dst_pos):
-    return grad.new_empty(grad.shape[0], out_idx.shape[1], grad.shape[2])
-
-
-def _unmerge_setup(ctx, inputs, output):
-    y, out_idx, src_idx, dst_pos, n = inputs
-    ctx.save_for_backward(out_idx, src_idx, dst_pos)
-
-
-def _unmerge_backward(ctx, grad):
-    out_idx, src_idx, dst_pos = ctx.saved_tensors
-    return unmerge_backward_op(grad, out_idx, src_idx, dst_pos), None, None, None, None
-
-
-unmerge_op.register_autograd(_unmerge_backward, setup_context=_unmerge_setup)
