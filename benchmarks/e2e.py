@@ -51,46 +51,9 @@ class Case:
     patch: Callable
 
 
-_TINY = dict(image_size=32, num_frames=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-             intermediate_size=64, num_labels=5)  # a smoke-test size of every video config
-
-
-def _hf(family: str, **tiny_extra):
-    """Builder of transformers' <family>ForVideoClassification: the library's default (base)
-    config with 400 labels, or the tiny one."""
-    def build(tiny):
-        import transformers
-
-        config = getattr(transformers, f"{family}Config")
-        model = getattr(transformers, f"{family}ForVideoClassification")
-        return model(config(**_TINY, **tiny_extra) if tiny else config(num_labels=400))
-
-    return build
-
-
-_videomae = _hf("VideoMAE", patch_size=8)
-_vivit = _hf("Vivit", tubelet_size=[2, 8, 8])
-_timesformer = _hf("Timesformer", patch_size=8)
-
-
-def _vit(tiny):
-    import timm
-
-    if tiny:
-        return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
-                                 embed_dim=32, num_heads=2, num_classes=5)
-    return timm.create_model("vit_base_patch16_224", pretrained=False)
-
-
-CASES = (
-    Case("VideoMAE-B 16x224", _videomae, lambda t: (1, 4, 3, 32, 32) if t else (1, 16, 3, 224, 224), 150,
-         vt.patch.videomae),
-    Case("ViViT-B 32x224", _vivit, lambda t: (1, 4, 3, 32, 32) if t else (1, 32, 3, 224, 224), 300,
-         vt.patch.vivit),
-    Case("TimeSformer-B 8x224", _timesformer, lambda t: (1, 4, 3, 32, 32) if t else (1, 8, 3, 224, 224), 18,
-         vt.patch.timesformer),
-    Case("timm ViT-B/16 224", _vit, lambda t: (1, 3, 32, 32) if t else (1, 3, 224, 224), 16, vt.patch.timm),
-)
+# One row per declared family (Family.bench), in the order of vt.patch.FAMILIES.
+CASES = tuple(Case(f.bench.name, f.bench.build, f.bench.shape, f.bench.r, f.patch)
+              for f in vt.patch.FAMILIES.values() if f.bench is not None)
 SWEEP = (0, 25, 50, 75, 100, 125, 150)
 
 
@@ -112,6 +75,8 @@ def zero_cost_merge(model: torch.nn.Module) -> torch.nn.Module:
             return x
         keep = x.shape[-2] - r
         state.size = x.new_ones(x.shape[:-1] + (1,))[..., :keep, :]
+        if state.positions is not None:  # rotary families: the kept tokens keep their positions
+            state.positions = state.positions[..., :keep, :]
         return x[..., :keep, :]
 
     state.merge = merge

@@ -23,7 +23,7 @@ import torch
 
 import vtome_kernels as vt
 
-from .e2e import _run, _videomae
+from .e2e import _run
 from .harness import machine, median_ms, progress, time_interleaved, write_block
 
 BEGIN, END = "<!-- e2e-select-table:begin -->", "<!-- e2e-select-table:end -->"
@@ -44,7 +44,7 @@ def variants(tiny: bool) -> Dict[str, dict]:
 def run(rounds: int, tiny: bool = False) -> List[dict]:
     """Median ms per variant and its speedup over the unpatched model."""
     torch.manual_seed(0)
-    base = _videomae(tiny).eval()
+    base = vt.patch.FAMILIES["videomae"].bench.build(tiny).eval()
     cfg = base.config
     x = torch.randn(1, cfg.num_frames, 3, cfg.image_size, cfg.image_size)
     fns = {}

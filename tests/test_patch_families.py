@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_defaults_for_proportional_attention():
     pytest.importorskip("transformers")
     pytest.importorskip("timm")
-    want = {"timm": True, "videomae": False, "vivit": True, "timesformer": True}
+    want = {"timm": True, "videomae": False, "vivit": True, "timesformer": True, "vjepa2": True}
     for family, on in want.items():
         model, _, patch, _ = build(family)
         patch(model, r=1)
@@ -251,10 +251,10 @@ def test_flops_hand_count_vit():
     assert vt.patch.flops(model, (2, 3, 32, 32)) == 2 * (embed + depth * block)
 
 
-@pytest.mark.parametrize("family", ["timm", "videomae", "vivit", "timesformer"])
+@pytest.mark.parametrize("family", list(vt.patch.FAMILIES))
 @pytest.mark.parametrize("schedule", ["constant", "decreasing"])
 def test_budget_is_the_smallest_r(family, schedule):
-    pytest.importorskip("timm" if family == "timm" else "transformers")
+    pytest.importorskip(vt.patch.FAMILIES[family].package)
     model, x, patch, _ = build(family)
     patch(model, r=0)
     shape = tuple(x.shape)

@@ -3,8 +3,9 @@
 FLOPs are counted from the tokens that enter each block (what the schedule and the
 clamping of each merge imply): the linear layers and the two attention products of every
 block, the MLP on the tokens left after the merge, the matching's score matrix, the key
-projection of layer choice's keys-only steps, and the patch embedding. Multiply-adds count
-two. Normalisations, softmax and the head are left out (a few percent at most); the ratio
+projection of layer choice's keys-only steps, the patch embedding, and an attentive
+pooler's layers on the final tokens (V-JEPA 2's head). Multiply-adds count two.
+Normalisations, softmax and a linear head are left out (a few percent at most); the ratio
 patched / unpatched is what the budget uses.
 """
 
@@ -66,13 +67,14 @@ def flops(model, input_shape, r=None) -> float:
     state = state_of(model)
     shape = _shape(input_shape)
     grid = state.grid_of(shape)
-    _, merges = _counts(state, grid, state.steps(model.r if r is None else r))
+    counts, merges = _counts(state, grid, state.steps(model.r if r is None else r))
     cost = state.cost
     d = cost.dim // cost.heads if state.metric == "mean" else cost.dim
     total = cost.embed(grid[0] * grid[1] * grid[2])
     for block in merges:
         total += sum(cost.keys_step(n, rr, d) for n, rr in block[:-1])  # layer choice
         total += cost.block(*block[-1], d)  # the block on the tokens it sees, and its merge
+    total += cost.head(counts[-1])  # an attentive pooler on the final tokens
     return total * shape[0]
 
 

@@ -33,19 +33,22 @@ from ..merge import merge as merge_tokens
 from ..schedule import layer_r
 
 METRICS = ("mean", "concat")
+POSITIONS = ("dst", "mean")  # how a merged token's rotary (t, h, w) is chosen (MergeState.positions)
 
 
 class CostModel:
     """Per-layer FLOPs of a model family from its token counts (see ``budget.py``).
 
     scheme "st": one sequence of N tokens per clip; "dst": T frames of n tokens each plus
-    a class token set aside (TimeSformer's divided space-time block).
+    a class token set aside (TimeSformer's divided space-time block). pooler: the
+    self-attention layers of an attentive pooler after the blocks (V-JEPA 2's head: those
+    layers, then one query's cross-attention, all on the final tokens); None: no pooler.
     """
 
     def __init__(self, scheme: str, dim: int, mlp: int, heads: int, in_per_token: int,
-                 frames: int = 1):
+                 frames: int = 1, pooler: Optional[int] = None):
         self.scheme, self.dim, self.mlp, self.heads = scheme, dim, mlp, heads
-        self.in_per_token, self.frames = in_per_token, frames
+        self.in_per_token, self.frames, self.pooler = in_per_token, frames, pooler
 
     def embed(self, patches: int) -> float:
         """The patch embedding: a linear map of each patch's pixels."""
@@ -70,14 +73,22 @@ class CostModel:
         spatial = 2.0 * (4 * t * (n + 1) * c * c + 2 * t * (n + 1) ** 2 * c)
         return temporal + spatial + t * match_flops + 2.0 * 2 * (1 + (n - r) * t) * c * m
 
+    def head(self, n: int) -> float:
+        """FLOPs of an attentive pooler on the n final tokens (0 without one): its
+        self-attention layers as blocks, then the keys, values and one query's attention."""
+        if self.pooler is None:
+            return 0.0
+        c = self.dim
+        return self.pooler * self.block(n, 0, 0) + 2.0 * (2 * n * c * c + 2 * n * c)
+
 
 class MergeState:
     """Options of a patched model and what one forward carries from block to block."""
 
     def __init__(self, family: str, depth: int, scheme: str, class_token: bool,
                  distill_token: bool, grid_of: Callable[[Tuple[int, ...]], Tuple[int, int, int]],
-                 cost: CostModel, prefix: Optional[int] = None):
-        self.family, self.depth, self.scheme = family, depth, scheme
+                 cost: CostModel, prefix: Optional[int] = None, rotary: bool = False):
+        self.family, self.depth, self.scheme, self.rotary = family, depth, scheme, rotary
         self.class_token, self.distill_token = class_token, distill_token
         # Tokens in front that never merge (class, distillation, registers): vt.match itself
         # protects a class token at 0 and a distillation token at 1; a longer prefix is set
@@ -92,6 +103,9 @@ class MergeState:
         self.weighted_pool = False
         self.select: Optional[int] = None  # FluxViT selection budget (video patches)
         self.select_groups = "auto"
+        # Rotary families: how a merged token's position is chosen ("dst": its destination's,
+        # "mean": the size-weighted mean of its patches'); None for the other families.
+        self.position_merge: Optional[str] = None
         # Layer choice: (block, x, r) -> x after one keys-only merge step (set by install).
         self.keys_step: Optional[Callable] = None
         # Per forward: the r of each block's own merge, and of its keys-only steps before it.
@@ -105,6 +119,9 @@ class MergeState:
         self.merge_seconds = 0.0
         self.last: Optional[torch.Tensor] = None
         self.kept: Optional[torch.Tensor] = None  # [B, K] positions kept by select
+        # Rotary families: every token's (t, h, w) position [B, N, 3] float32, set by the
+        # embedding and merged with the tokens (dst or mean); None until then.
+        self.positions: Optional[torch.Tensor] = None
 
     @property
     def protected(self) -> int:
@@ -112,8 +129,12 @@ class MergeState:
         return self.prefix
 
     # -- options --------------------------------------------------------------------------
-    def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend):
+    def configure(self, *, mode, threshold, prop_attn, metric, trace_source, layer, backend, positions=None):
         _checks.mode_threshold(mode, threshold, MODES)
+        if self.rotary:
+            _checks.choice("positions", positions, POSITIONS)
+        elif positions is not None:
+            raise ValueError(f"positions is only for families with rotary positions, not {self.family}")
         _checks.flag("prop_attn", prop_attn)
         _checks.flag("trace_source", trace_source)
         _checks.choice("metric", metric, METRICS)
@@ -125,6 +146,7 @@ class MergeState:
             raise TypeError(f"backend must be a str, got {type(backend).__name__}")
         self.mode, self.threshold, self.prop_attn = mode, threshold, prop_attn
         self.metric, self.trace_source, self.layer, self.backend = metric, trace_source, layer, backend
+        self.position_merge = positions
 
     def steps(self, r) -> List[List[int]]:
         """The r of every merge step of every block, in order, for a schedule r (int, list,
@@ -159,7 +181,7 @@ class MergeState:
         steps = self.steps(r)
         self.r_list = [block[-1] for block in steps]
         self.pre_r = [block[:-1] for block in steps]
-        self.size = self.source = self.last = self.kept = None
+        self.size = self.source = self.last = self.kept = self.positions = None
         self.grid = self.grid_of(tuple(input_shape))
         self.tokens = []
         self.entries = {}
@@ -171,21 +193,21 @@ class MergeState:
         backward) starts from that recorded state instead, so it makes the same merge.
         Returns what ``leave`` restores after a recompute (None after a first call)."""
         if i not in self.entries:
-            self.entries[i] = (self.size, self.source, n)
+            self.entries[i] = (self.size, self.source, self.positions, n)
             self.tokens.append(n)
             return None
-        size, source, n0 = self.entries[i]
+        size, source, positions, n0 = self.entries[i]
         if n != n0:
             raise RuntimeError(f"block {i} of a patched model ran again in the same forward with {n} tokens "
                                f"instead of {n0}: only activation checkpointing may call a block twice")
-        saved = (self.size, self.source, self.last, self.merge_seconds)
-        self.size, self.source = size, source
+        saved = (self.size, self.source, self.positions, self.last, self.merge_seconds)
+        self.size, self.source, self.positions = size, source, positions
         return saved
 
     def leave(self, saved) -> None:
         """After a recompute: put back the state of the forward (sizes, source map, ...)."""
         if saved is not None:
-            self.size, self.source, self.last, self.merge_seconds = saved
+            self.size, self.source, self.positions, self.last, self.merge_seconds = saved
 
     def pre_merge(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Layer choice: the keys-only merge steps of a block before it runs (none unless
@@ -207,12 +229,15 @@ class MergeState:
         p = self.prefix
         if p != int(self.class_token) + int(self.distill_token):  # a prefix vt.match cannot protect
             x = self._merge_after_prefix(x, metric, r, p)
-        elif self.trace_source or self.mode != "merge":  # the plan is needed (source map, modes)
+        elif self.trace_source or self.mode != "merge" or self.positions is not None:
+            # the plan is needed (source map, modes, positions)
             plan = match(metric, r, class_token=self.class_token, distill_token=self.distill_token,
                          mode=self.mode, threshold=self.threshold, backend=self.backend)
             if plan.r > 0:
                 if self.trace_source:
                     self.source = plan.merge_source(self.source)
+                if self.positions is not None:
+                    self.positions = self._merged_positions(plan, self.positions, self.size)
                 x, self.size = plan.merge(x, self.size)
         elif (x.shape[-2] - p) // 2 > 0:  # as the plan path: nothing to merge leaves size as it is
             # vt.merge: one call of the backend's fused match+merge stage (BENCHMARKS.md, C++
@@ -238,9 +263,23 @@ class MergeState:
         size = self.size
         if size is None:
             size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)
+        if self.positions is not None:
+            pos = self.positions
+            pos_rest = self._merged_positions(plan, pos[..., p:, :], size[..., p:, :])
+            self.positions = torch.cat((pos[..., :p, :], pos_rest), dim=-2)
         rest, rest_size = plan.merge(x[..., p:, :], size[..., p:, :])
         self.size = torch.cat((size[..., :p, :], rest_size.to(size.dtype)), dim=-2)
         return torch.cat((x[..., :p, :], rest), dim=-2)
+
+    def _merged_positions(self, plan, positions: torch.Tensor, size: Optional[torch.Tensor]) -> torch.Tensor:
+        """Positions [..., N, 3] after the plan's merge, from the plan (no pass over x):
+        "dst" keeps each output token's own (its destination's for a merged one), "mean"
+        the size-weighted mean of what merges (a discarded source, as in mode="drop",
+        leaves its destination's as it is)."""
+        if self.position_merge == "mean":
+            return plan.merge(positions, size)[0]
+        idx = plan.out_idx
+        return positions.gather(-2, idx[..., None].expand(idx.shape + (positions.shape[-1],)))
 
     def key_metric(self, k: torch.Tensor) -> torch.Tensor:
         """The matching metric from keys [B, H, N, d]: mean over heads, or heads concatenated."""
@@ -347,32 +386,27 @@ def find_state(blocks: Sequence[torch.nn.Module]) -> Optional[MergeState]:
     return None
 
 
-def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: Callable,
-            embed: torch.nn.Module, make_state: Callable[[], MergeState], r, options: dict,
-            extra_hooks: Callable[[MergeState], None] = lambda s: None,
-            embed_forward: Optional[Callable] = None, select=None, select_groups="auto",
-            attention: Sequence[Tuple[torch.nn.Module, Callable]] = (), *,
-            keys_step: Callable) -> torch.nn.Module:
-    """Patch blocks (class swap) and embed (state reset hook; class swap when the family
-    supports select) once; (re)set options and r.
-
-    keys_step(block, x, r) -> x: one keys-only merge step of layer choice (``st_keys_step``
-    makes it for a spatio-temporal block from its keys).
-
-    attention: (module, forward) pairs of attention modules to class-swap as well, the
-    modules a Hugging Face model hooks to record ``output_attentions``: a block calls them
-    as modules, so those hooks see the attention the patch computes."""
+def install(family, model: torch.nn.Module, r, options: dict, select=None,
+            select_groups="auto") -> torch.nn.Module:
+    """Patch a model of ``family`` (family.py): swap the classes of its blocks (and of the
+    attention modules it names, the modules a Hugging Face model hooks to record
+    ``output_attentions``: a block calls them as modules, so those hooks see the attention
+    the patch computes), hook its embedding (state reset; class swap when the family
+    supports select) once; (re)set options and r."""
+    parts = family.parts(model)
+    blocks = parts.blocks
     if len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to patch")
     state = find_state(blocks)
     fresh = state is None
     if fresh:
-        state = make_state()
+        state = MergeState(family.name, len(blocks), family.scheme, parts.class_token, parts.distill_token,
+                           parts.grid_of, parts.cost, parts.prefix, rotary=family.rotary)
     before = dict(vars(state))
     try:
         state.configure(**options)
         check_select(select, select_groups)
-        if select is not None and embed_forward is None:
+        if select is not None and family.embed_forward is None:
             raise ValueError(f"select is not supported by the {state.family} patch")
         state.select, state.select_groups = select, select_groups
         state.schedule(r)  # a bad r fails now, not at the next forward
@@ -382,16 +416,17 @@ def install(model: torch.nn.Module, blocks: Sequence[torch.nn.Module], forward: 
     if fresh:
         for i, block in enumerate(blocks):
             block._vt_state, block._vt_index = state, i
-            block.__class__ = patched_class(type(block), block_forward(forward))
+            block.__class__ = patched_class(type(block), block_forward(family.block_forward))
+        embed = parts.embed
         embed.register_forward_pre_hook(BeginHook(state), with_kwargs=True)
-        if embed_forward is not None:
+        if family.embed_forward is not None:
             embed._vt_state = state
-            embed.__class__ = patched_class(type(embed), embed_forward)
-        for module, fwd in attention:
+            embed.__class__ = patched_class(type(embed), family.embed_forward)
+        for module, fwd in parts.attention:
             module._vt_state = state
             module.__class__ = patched_class(type(module), fwd)
-    state.keys_step = keys_step
-    extra_hooks(state)
+    state.keys_step = family.keys_step
+    parts.extra_hooks(state)
     state.owner = model
     model._vt = state
     model.r = r
@@ -448,20 +483,11 @@ def state_of(model: torch.nn.Module) -> MergeState:
     """The merge state of a patched model; a clear error otherwise."""
     state = getattr(model, "_vt", None)
     if not isinstance(state, MergeState):
+        from . import FAMILIES
+
         raise ValueError(f"{type(model).__name__} is not patched by vtome_kernels: call "
-                         "vt.patch.timm / videomae / vivit / timesformer on it first")
+                         f"vt.patch.{' / '.join(FAMILIES)} on it first")
     return state
-
-
-def split_head(model: torch.nn.Module, head_cls: type, base_cls: type, attr: str):
-    """(head or None, base model) of a Hugging Face video model: a *ForVideoClassification
-    head holds its base model at ``attr``; anything else is a clear TypeError."""
-    if isinstance(model, head_cls):
-        return model, getattr(model, attr)
-    if isinstance(model, base_cls):
-        return None, model
-    raise TypeError(f"model must be a transformers {base_cls.__name__} or {head_cls.__name__}, "
-                    f"got {type(model).__name__}")
 
 
 def grid_from(shape: Tuple[int, ...], names: str, t_step: int, h_step: int, w_step: int,
@@ -506,9 +532,10 @@ def kept_tokens(state: MergeState, grid: Tuple[int, int, int]) -> int:
     return kept_count(state.select, t, h * w, resolve_groups(state.select_groups, t))
 
 
-def select_tokens(state: MergeState, patches: torch.Tensor, pos: torch.Tensor, extra: int) -> torch.Tensor:
+def select_tokens(state: MergeState, patches: torch.Tensor, pos: Optional[torch.Tensor], extra: int) -> torch.Tensor:
     """Keep state.select of patches [B, N, C] (scored without positions, as FluxViT does) and
-    add the positional embeddings pos [N, C] of the kept positions; records the kept index
+    add the positional embeddings pos [N, C] of the kept positions (None: a family without
+    additive positions, rotary ones come from ``state.kept``); records the kept index
     and, with trace_source, a source map over the extra (class) tokens and all N patches."""
     from ..select import select
 
@@ -524,4 +551,4 @@ def select_tokens(state: MergeState, patches: torch.Tensor, pos: torch.Tensor, e
         rows = torch.arange(extra, extra + index.shape[1], device=patches.device).expand(b, -1)
         src[torch.arange(b, device=patches.device)[:, None], rows, index + extra] = 1.0
         state.source = src
-    return kept + pos.to(kept.dtype)[index]
+    return kept if pos is None else kept + pos.to(kept.dtype)[index]

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (CostModel, MergeState, attend, grid_from, heads_join, heads_split, install,
-                     split_head)
+from .common import CostModel, attend, grid_from, heads_join, install
+from .family import Bench, Family, Parts, hf_video_builder, split_head
 
 
 def _attention(module, x, size, st, probs: bool = False):
@@ -107,25 +107,43 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     Options as vt.patch.timm; r counts tokens per frame. The source map (trace_source) is
     per frame: [B, T, n', n0] over the n0 patches of each frame.
     """
+    if select is not None:
+        FAMILY.parts(model)  # a model of another family is a TypeError first
+        raise ValueError("select is not supported by the TimeSformer patch: its divided space-time attention "
+                         "needs equal token counts per frame and aligned positions over time")
+    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
+                   trace_source=trace_source, layer=layer, backend=backend)
+    return install(FAMILY, model, r, options)
+
+
+def _parts(model) -> Parts:
     from transformers import TimesformerForVideoClassification, TimesformerModel
 
     _, base = split_head(model, TimesformerForVideoClassification, TimesformerModel, "timesformer")
     cfg = base.config
-    if select is not None:
-        raise ValueError("select is not supported by the TimeSformer patch: its divided space-time attention "
-                         "needs equal token counts per frame and aligned positions over time")
     if cfg.attention_type != "divided_space_time":
         raise ValueError(f"the TimeSformer patch needs attention_type='divided_space_time', got {cfg.attention_type!r}")
     pe = base.embeddings.patch_embeddings
     ph, pw = pe.patch_size
     cost = CostModel("dst", dim=cfg.hidden_size, mlp=cfg.intermediate_size, heads=cfg.num_attention_heads,
                      in_per_token=cfg.num_channels * ph * pw, frames=cfg.num_frames)
-    blocks = list(base.encoder.layer)
+    return Parts(list(base.encoder.layer), base.embeddings, cost,
+                 lambda shape: grid_from(shape, "BTCHW", 1, ph, pw, "TimeSformer"))
 
-    def make_state():
-        return MergeState("timesformer", len(blocks), "dst", False, False,
-                          lambda shape: grid_from(shape, "BTCHW", 1, ph, pw, "TimeSformer"), cost)
 
-    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
-                   trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, keys_step=_keys_step)
+def _tiny():
+    from transformers import TimesformerConfig, TimesformerForVideoClassification
+
+    cfg = TimesformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=3,
+                            num_attention_heads=2, intermediate_size=64, num_labels=5)
+    m = TimesformerForVideoClassification(cfg)
+    return m, (2, 4, 3, 32, 32), m.timesformer.embeddings.patch_embeddings.projection
+
+
+FAMILY = Family(
+    name="timesformer", title="transformers TimeSformer (divided space-time)", package="transformers",
+    scheme="dst", patch=apply_patch, parts=_parts, block_forward=_layer_forward, tiny=_tiny,
+    keys_step=_keys_step,
+    bench=Bench("TimeSformer-B 8x224", hf_video_builder("Timesformer", patch_size=8),
+                lambda t: (1, 4, 3, 32, 32) if t else (1, 8, 3, 224, 224), 18),
+)

@@ -14,7 +14,8 @@ import inspect
 
 import torch
 
-from .common import CostModel, MergeState, attend, grid_from, install, patched_class, st_keys_step
+from .common import CostModel, attend, grid_from, install, patched_class, st_keys_step
+from .family import Bench, Family, Parts
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -88,6 +89,12 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     schedule's entries as successive merge steps inside that one block (keys-only steps,
     then the block's own merge; API.md). Patching again only changes the options.
     """
+    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
+                   trace_source=trace_source, layer=layer, backend=backend)
+    return install(FAMILY, model, r, options)
+
+
+def _parts(model) -> Parts:
     from timm.layers import Attention
     from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -102,18 +109,36 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     dist = getattr(model, "dist_token", None) is not None
     if dist and not cls:
         raise ValueError("a distillation token without a class token is not supported")
-    prefix = model.num_prefix_tokens  # class, distillation and register tokens, in front
     pe = model.patch_embed
     ph, pw = pe.patch_size
     first = blocks[0]
     cost = CostModel("st", dim=model.embed_dim, mlp=first.mlp.fc1.out_features,
                      heads=first.attn.num_heads, in_per_token=pe.proj.in_channels * ph * pw)
+    return Parts(blocks, pe, cost, lambda shape: grid_from(shape, "BCHW", 1, ph, pw, "timm ViT"),
+                 class_token=cls, distill_token=dist,
+                 prefix=model.num_prefix_tokens,  # class, distillation and register tokens, in front
+                 extra_hooks=lambda st: _swap_model_class(model, st))
 
-    def make_state():
-        return MergeState("timm", len(blocks), "st", cls, dist,
-                          lambda shape: grid_from(shape, "BCHW", 1, ph, pw, "timm ViT"), cost, prefix)
 
-    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
-                   trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _block_forward, pe, make_state, r, options,
-                   extra_hooks=lambda st: _swap_model_class(model, st), keys_step=_keys_step)
+def _tiny():
+    import timm
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=3,
+                          embed_dim=32, num_heads=2, num_classes=5)
+    return m, (2, 3, 32, 32), m.patch_embed.proj
+
+
+def _bench(tiny):
+    import timm
+
+    if tiny:
+        return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2,
+                                 embed_dim=32, num_heads=2, num_classes=5)
+    return timm.create_model("vit_base_patch16_224", pretrained=False)
+
+
+FAMILY = Family(
+    name="timm", title="timm VisionTransformer", package="timm", scheme="st", patch=apply_patch,
+    parts=_parts, block_forward=_block_forward, tiny=_tiny, keys_step=_keys_step,
+    bench=Bench("timm ViT-B/16 224", _bench, lambda t: (1, 3, 32, 32) if t else (1, 3, 224, 224), 16),
+)

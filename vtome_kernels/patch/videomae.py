@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import (CostModel, MergeState, StateHook, attend, eager, has_hook, select_tokens, grid_from,
-                     heads_join, heads_split, install, split_head, st_keys_step)
+from .common import (CostModel, StateHook, attend, eager, has_hook, select_tokens, grid_from,
+                     heads_join, heads_split, install, st_keys_step)
+from .family import Bench, Family, Parts, hf_video_builder, split_head
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, **kwargs):
@@ -93,14 +94,27 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     the patch embeddings, groups select_groups; the positions of the kept tokens added
     after). VideoMAE's positions are fixed for its config grid, so the input must be that grid.
     """
-    from transformers import VideoMAEForVideoClassification, VideoMAEModel
-
-    head, base = split_head(model, VideoMAEForVideoClassification, VideoMAEModel, "videomae")
     if not isinstance(weighted_pool, bool):
         raise TypeError(f"weighted_pool must be a bool, got {type(weighted_pool).__name__}")
+    head, _ = _split(model)
     if weighted_pool and (head is None or head.fc_norm is None):
         raise ValueError("weighted_pool=True needs VideoMAEForVideoClassification with mean pooling "
                          "(config.use_mean_pooling=True)")
+    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
+                   trace_source=trace_source, layer=layer, backend=backend)
+    install(FAMILY, model, r, options, select=select, select_groups=select_groups)
+    model._vt.weighted_pool = weighted_pool
+    return model
+
+
+def _split(model):
+    from transformers import VideoMAEForVideoClassification, VideoMAEModel
+
+    return split_head(model, VideoMAEForVideoClassification, VideoMAEModel, "videomae")
+
+
+def _parts(model) -> Parts:
+    head, base = _split(model)
     cfg = base.config
     pe = base.embeddings.patch_embeddings
     ph, pw = pe.patch_size
@@ -109,19 +123,28 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
                      in_per_token=cfg.num_channels * tube * ph * pw)
     blocks = list(base.encoder.layer)
 
-    def make_state():
-        return MergeState("videomae", len(blocks), "st", False, False,
-                          lambda shape: grid_from(shape, "BTCHW", tube, ph, pw, "VideoMAE"), cost)
-
     def extra(state):
         norm = head.fc_norm if head is not None else None
         if norm is not None and not has_hook(norm, _WeightedPool, state):
             norm.register_forward_pre_hook(_WeightedPool(state))
 
-    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
-                   trace_source=trace_source, layer=layer, backend=backend)
-    install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra,
-            embed_forward=_embed_forward, select=select, select_groups=select_groups,
-            attention=[(b.attention.attention, _attention_forward) for b in blocks], keys_step=_keys_step)
-    model._vt.weighted_pool = weighted_pool
-    return model
+    return Parts(blocks, base.embeddings, cost, lambda shape: grid_from(shape, "BTCHW", tube, ph, pw, "VideoMAE"),
+                 attention=[(b.attention.attention, _attention_forward) for b in blocks], extra_hooks=extra)
+
+
+def _tiny():
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    cfg = VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                         num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, num_labels=5)
+    m = VideoMAEForVideoClassification(cfg)
+    return m, (2, 4, 3, 32, 32), m.videomae.embeddings.patch_embeddings.projection
+
+
+FAMILY = Family(
+    name="videomae", title="transformers VideoMAE (spatio-temporal)", package="transformers", scheme="st",
+    patch=apply_patch, parts=_parts, block_forward=_layer_forward, embed_forward=_embed_forward, tiny=_tiny,
+    keys_step=_keys_step,
+    bench=Bench("VideoMAE-B 16x224", hf_video_builder("VideoMAE", patch_size=8),
+                lambda t: (1, 4, 3, 32, 32) if t else (1, 16, 3, 224, 224), 150),
+)

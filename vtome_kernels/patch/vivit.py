@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import (CostModel, MergeState, StateHook, attend, eager, grid_from, has_hook, heads_join,
-                     heads_split, install, select_tokens, split_head, st_keys_step)
+from .common import (CostModel, StateHook, attend, eager, grid_from, has_hook, heads_join, heads_split,
+                     install, select_tokens, st_keys_step)
+from .family import Bench, Family, Parts, hf_video_builder, split_head
 
 
 def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
@@ -77,17 +78,6 @@ def _embed_forward(self, pixel_values, interpolate_pos_encoding: bool = False):
     return self.dropout(torch.cat((cls, x), dim=1))
 
 
-class _UserMask(StateHook):
-    """Pre-hook of VivitModel: did the caller pass an attention_mask? While exporting,
-    transformers turns "no mask" into an all-attend one (it cannot read values then); the
-    layers drop that one (same result, no [N, N] mask in the graph) and refuse a mask the
-    caller gave when merging."""
-
-    def __call__(self, module, args, kwargs):
-        given = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        self.state.user_mask = given is not None
-
-
 def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: bool = True,
                 metric: str = "mean", trace_source: bool = False, layer=None, select=None,
                 select_groups="auto", backend: str = "auto"):
@@ -99,6 +89,23 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     position; a denser clip than the config's (more frames, another resolution) gets the
     learned positions interpolated over (time, height, width).
     """
+    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
+                   trace_source=trace_source, layer=layer, backend=backend)
+    return install(FAMILY, model, r, options, select=select, select_groups=select_groups)
+
+
+class _UserMask(StateHook):
+    """Pre-hook of VivitModel: did the caller pass an attention_mask? While exporting,
+    transformers turns "no mask" into an all-attend one (it cannot read values then); the
+    layers drop that one (same result, no [N, N] mask in the graph) and refuse a mask the
+    caller gave when merging."""
+
+    def __call__(self, module, args, kwargs):
+        given = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        self.state.user_mask = given is not None
+
+
+def _parts(model) -> Parts:
     from transformers import VivitForVideoClassification, VivitModel
 
     _, base = split_head(model, VivitForVideoClassification, VivitModel, "vivit")
@@ -109,18 +116,29 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     blocks = list(base.layers)
     size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
     base.embeddings._vt_grid0 = (cfg.num_frames // tt, size[0] // th, size[1] // tw)
-
-    def make_state():
-        return MergeState("vivit", len(blocks), "st", True, False,
-                          lambda shape: grid_from(shape, "BTCHW", tt, th, tw, "ViViT"), cost)
-
     def extra(state):
         state.user_mask = True  # until the hook has seen a call
         if not has_hook(base, _UserMask, state):
             base.register_forward_pre_hook(_UserMask(state), with_kwargs=True)
 
-    options = dict(mode=mode, threshold=threshold, prop_attn=prop_attn, metric=metric,
-                   trace_source=trace_source, layer=layer, backend=backend)
-    return install(model, blocks, _layer_forward, base.embeddings, make_state, r, options, extra,
-                   embed_forward=_embed_forward, select=select, select_groups=select_groups,
-                   attention=[(b.attention, _attention_forward) for b in blocks], keys_step=_keys_step)
+    return Parts(blocks, base.embeddings, cost, lambda shape: grid_from(shape, "BTCHW", tt, th, tw, "ViViT"),
+                 class_token=True, attention=[(b.attention, _attention_forward) for b in blocks],
+                 extra_hooks=extra)
+
+
+def _tiny():
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    cfg = VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 8, 8], hidden_size=32, num_hidden_layers=3,
+                      num_attention_heads=2, intermediate_size=64, num_labels=5)
+    m = VivitForVideoClassification(cfg)
+    return m, (2, 4, 3, 32, 32), m.vivit.embeddings.patch_embeddings.projection
+
+
+FAMILY = Family(
+    name="vivit", title="transformers ViViT (spatio-temporal, class token protected)", package="transformers",
+    scheme="st", patch=apply_patch, parts=_parts, block_forward=_layer_forward, embed_forward=_embed_forward,
+    tiny=_tiny, keys_step=_keys_step,
+    bench=Bench("ViViT-B 32x224", hf_video_builder("Vivit", tubelet_size=[2, 8, 8]),
+                lambda t: (1, 4, 3, 32, 32) if t else (1, 32, 3, 224, 224), 300),
+)
