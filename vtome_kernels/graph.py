@@ -174,7 +174,7 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     (ONNX GatherElements would read an index per element)."""
     g, n, c = t.shape[0], int(t.shape[1]), int(t.shape[2])
     offset = torch.arange(g, device=t.device)[:, None] * n
-    return t.reshape(-1, c).index_select(0, (idx + offset).reshape(-1)).reshape(g, -1, c)
+    return t.reshape(-1, c).index_select(0, (idx + offset).reshape(-1)).reshape(g, int(idx.shape[1]), c)
 
 
 def merge(x, size, out_idx, src_idx, dst_pos, src_merged=None):
