@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .harness import machine, median_ms, name_matches, progress, time_interleaved, write_block
+from .harness import absent_note, machine, median_ms, name_matches, progress, time_interleaved, write_block
 from .providers import make_providers
 from .shapes import PAPER_SHAPES
 
@@ -33,22 +33,50 @@ def merge_table(shapes, device, rounds: int, compile_tome: bool, dtype) -> str:
         x, size, metric = shape.inputs(dtype=dtype, device=device)
         providers = make_providers(shape, device, compile_tome)
         fns = {name: (lambda fn=fn: fn(x, size, metric)) for name, fn in providers.items()}
+        checked = check_results(shape, fns, x, size, metric, dtype)
         times = time_interleaved(fns, device, rounds)
         med = {name: median_ms(t) for name, t in times.items()}
         progress("    " + ", ".join(f"{n} {m:.3f} ms" for n, m in med.items()))
         for name, ms in med.items():
             rows.append((shape, name, ms, med["tome-eager"] / ms,
                          med["tome-compiled"] / ms if "tome-compiled" in med else None,
-                         ms / med["floor"]))
+                         ms / med["floor"], checked[name]))
     lines = [
-        "| shape | provider | median ms | speedup vs tome-eager | speedup vs tome-compiled | x floor |",
-        "|---|---|---:|---:|---:|---:|",
+        "| shape | provider | median ms | speedup vs tome-eager | speedup vs tome-compiled | x floor | result |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
-    for shape, name, ms, vs_eager, vs_comp, vs_floor in rows:
+    for shape, name, ms, vs_eager, vs_comp, vs_floor, ok in rows:
         comp = f"{vs_comp:.2f}x" if vs_comp is not None else "-"
         lines.append(f"| {shape.name} {list(shape.x)} r={shape.r} | {name} | {ms:.3f} | "
-                     f"{vs_eager:.2f}x | {comp} | {vs_floor:.2f} |")
-    return "\n".join(lines)
+                     f"{vs_eager:.2f}x | {comp} | {vs_floor:.2f} | {ok} |")
+    note = absent_note("merge", device)
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
+
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
+
+
+def check_results(shape, fns, x, size, metric, dtype):
+    """name -> "same" / "DIFFERS ..." / "-" (floor: not a merge): every provider's merge is
+    compared with the reference backend's on the same device before anything is timed."""
+    import vtome_kernels as vt
+
+    want = vt.merge(x, size, shape.r, metric=metric, class_token=shape.class_token, backend="reference")
+    atol, rtol = TOL.get(dtype, TOL[torch.float32])
+    out = {}
+    for name, fn in fns.items():
+        if name == "floor":
+            out[name] = "-"
+            continue
+        got = fn()
+        try:
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+            out[name] = "same"
+        except AssertionError as exc:
+            out[name] = "DIFFERS: " + str(exc).splitlines()[0][:60]
+            progress(f"    {name}: result differs from the reference: {exc}")
+    return out
 
 
 def write_benchmarks_md(table: str, header: str, path: pathlib.Path) -> None:

@@ -1,50 +1,78 @@
 """Static GPU report of the Triton kernels: compiled ahead of time, no GPU needed.
 
-``python -m benchmarks.kernel_report`` compiles every kernel of ``vtome_kernels.triton`` for
-sm_80 (A100) and sm_90 (H100) with ``triton.compile`` and a ``GPUTarget``, at the
-constexprs the paper shapes (benchmarks/shapes.py, and benchmarks/select.py's layouts for
-the selection kernels) run with, and prints per kernel:
-registers per thread, spill stores/loads and shared memory (from ``ptxas -v`` on the
-kernel's PTX, with Triton's own ptxas flags), whether tensor-core instructions are used
-(``mma`` on sm_80, ``wgmma`` / ``mma`` on sm_90, read from the PTX) and the number of fused
-multiply-adds in the match kernels (0: the exact path has none). Nothing here runs a kernel.
-Must run without TRITON_INTERPRET=1 (the kernels must be compiled functions).
+``python -m benchmarks.kernel_report`` calls every launch function of ``vtome_kernels.triton``
+at the paper shapes (benchmarks/shapes.py; benchmarks/select.py's layouts for selection) on
+CPU tensors with the launches recorded, not run; Triton's own binder gives each launch the
+compile key a CUDA device would (integers equal to 1 become constants, integers and
+pointers divisible by 16 get the divisibility hint). Each distinct key is compiled for
+sm_80 (A100) and sm_90 (H100) with ``triton.compile`` from an empty cache, and the report
+prints per compilation: registers per thread, spill stores/loads and shared memory (from
+``ptxas -v`` on the kernel's PTX, with Triton's own ptxas flags), whether tensor-core
+instructions are used (``mma`` on sm_80, ``wgmma`` / ``mma`` on sm_90, read from the PTX),
+the number of fused multiply-adds (0 on the exact paths), the specialisation and the
+compile time. Exit status 1 on any spill or shared memory beyond the target's limit.
+
+    --predict         predicted H100 time of every launch at the paper shapes (a roofline model)
+    --compile-counts  compilations a first forward of each patched model triggers
+    --write           (with --compile-counts) the three tables into BENCHMARKS.md
+    --traffic         analytic global-memory traffic of one merge step
+
+Nothing here runs a kernel. Must run without TRITON_INTERPRET=1 (the kernels must be
+compiled functions).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from benchmarks.harness import progress
 from benchmarks.shapes import PAPER_SHAPES
 
 # Largest dynamic shared memory one block may use (bytes): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
 TARGETS = (80, 90)
-ATTN_HEAD_DIMS = (32, 64, 128)  # ViT-B, VideoMAE-B, ViViT-B, TimeSformer use 64
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+    """One compilation, keyed as Triton's JIT keys it at run time (its binder on the
+    launch's real arguments: integer arguments equal to 1 become constants, integers and
+    pointers divisible by 16 get the divisibility hint, the rest stay plain i32/i64)."""
     kernel: str  # attribute name in its module
     module: str  # match, merge, attention or select
-    label: str  # what it is used for
+    label: str  # what it is used for, and at which shapes
     signature: Tuple[Tuple[str, str], ...]
-    constexprs: Tuple[Tuple[str, object], ...]
-    fp_fusion: bool = True
-    num_warps: int = 4
-    # Arguments Triton would see as multiples of 16 at the benchmark shapes (it specialises
-    # a launch on that: pointers from the allocator, C = 384 / 768); empty: no hints.
-    aligned: Tuple[str, ...] = ()
+    constexprs: Tuple[Tuple[Tuple[int, ...], object], ...]
+    attrs: Tuple[Tuple[Tuple[int, ...], Tuple], ...]
+    options: Tuple[Tuple[str, object], ...]
+
+    @property
+    def num_warps(self) -> int:
+        return dict(self.options)["num_warps"]
+
+    @property
+    def fp_fusion(self) -> bool:
+        return dict(self.options)["enable_fp_fusion"]
+
+    @property
+    def specialised(self) -> str:
+        """The run-time specialisation in words: args that are 1, args divisible by 16."""
+        names = [n for n, _ in self.signature]
+        ones = [names[p[0]] for p, v in self.constexprs if dict(self.signature)[names[p[0]]] == "constexpr"
+                and v == 1 and not names[p[0]].isupper()]
+        div = [names[p[0]] for p, a in self.attrs if a and not names[p[0]].endswith("_ptr")]
+        return f"=1: {','.join(ones) or '-'}; %16: {','.join(div) or '-'}"
 
 
 @dataclasses.dataclass
@@ -57,6 +85,20 @@ class Row:
     smem: int
     mma: str
     fma: int
+    compile_s: float = 0.0
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded launch: the kernel, its grid, its compile key and the work it does."""
+    kernel: str
+    label: str
+    grid: Tuple[int, ...]
+    key: str
+    bytes: int  # the launch's tensor arguments, each read or written once (compulsory traffic)
+    flops: float  # arithmetic (integer ops for rank / top-K) counted from the kernel's loops
+    unit: str  # which peak the flops run at: fp32, tensor bf16, tf32, int32
+    serial: int  # dependent passes inside one program (each a block-wide reduction)
 
 
 def _module(name: str):
@@ -65,136 +107,182 @@ def _module(name: str):
     return importlib.import_module(f"vtome_kernels.triton.{name}")
 
 
-def _sig(names: str, kinds: Dict[str, str], default: str = "i32") -> Tuple[Tuple[str, str], ...]:
-    return tuple((n, kinds.get(n, default)) for n in names.split())
+TARGET = 90  # the binder's target: the specialisation rules are the same on sm_80
 
 
-def variants() -> List[Variant]:
-    """Every kernel at the constexprs the paper shapes use (deduplicated)."""
-    import triton.language as tl
+class Recorder:
+    """Stands in for ``vtome_kernels.triton._run``: records each launch's compile key (by
+    Triton's own binder for a CUDA target) and runs nothing. No GPU or driver is touched."""
 
-    match, merge, attn = _module("match"), _module("merge"), _module("attention")
-    out: Dict[Tuple, Variant] = {}
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
 
-    def add(v: Variant):
-        """Keep one variant per distinct compilation; list every shape that uses it."""
-        key = (v.kernel, v.signature, v.constexprs, v.num_warps, v.fp_fusion, v.aligned)
-        if key in out:
-            use, shapes = out[key].label.split(", ", 1)
-            new = v.label.split(", ", 1)[1]
-            if new not in shapes.split(" / "):
-                out[key] = dataclasses.replace(out[key], label=f"{use}, {shapes} / {new}")
+        self.backend = make_backend(GPUTarget("cuda", TARGET, 32))
+        self.binders = {}
+        self.label = ""
+        self.variants: Dict[str, Variant] = {}
+        self.launches: List[Launch] = []
+
+    def __call__(self, kernel, grid, args, kwargs):
+        from triton.runtime.jit import create_function_from_signature
+
+        name = kernel.fn.__name__
+        if name not in self.binders:
+            self.binders[name] = create_function_from_signature(kernel.signature, kernel.params, self.backend)
+        bound, spec, opts = self.binders[name](*args, **kwargs)
+        options, sig, consts, attrs = kernel._pack_args(self.backend, dict(kwargs), bound, spec, opts)
+        module = kernel.fn.__module__.rsplit(".", 1)[1]
+        v = Variant(name, module, self.label, tuple(sig.items()),
+                    tuple(sorted(consts.items())),
+                    tuple(sorted((k, tuple(tuple(a) for a in val)) for k, val in attrs.items())),
+                    tuple(sorted((k, val) for k, val in options.__dict__.items()
+                                 if k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion"))))
+        key = repr((v.kernel, v.signature, v.constexprs, v.attrs, v.options))
+        if key in self.variants:
+            old = self.variants[key]
+            use, shapes = old.label.split(", ", 1) if ", " in old.label else (old.label, "")
+            new = self.label.split(", ", 1)[1] if ", " in self.label else ""
+            if new and new not in shapes.split(" / "):
+                self.variants[key] = dataclasses.replace(old, label=f"{use}, {shapes} / {new}")
         else:
-            out[key] = v
+            self.variants[key] = v
+        work = _work(name, dict(bound), grid)
+        self.launches.append(Launch(name, self.label, tuple(grid), key, _bytes(bound.values()), *work))
 
-    for shape in PAPER_SHAPES:
-        n, c = shape.x[-2], shape.x[-1]
-        na, nb = (n + 1) // 2, n // 2
-        r = min(shape.r, (n - shape.class_token) // 2)
-        ba, bb = match.match_blocks(na, nb)
-        add(Variant("_match_kernel", "match", f"match, {shape.name}",
-                    _sig("m_ptr max_ptr idx_ptr NA NB D stride_g stride_n stride_d",
-                         {"m_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
-                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba), ("BLOCK_B", bb),
-                     ("DOT", ""), ("BLOCK_D", match.match_block_d(shape.d))),
-                    fp_fusion=False, num_warps=match.MATCH_WARPS))
-        for prec in ("tf32",):  # the optional faster similarities (MATCH_PRECISION)
-            add(Variant("_match_kernel", "match", f"match ({prec} option), {shape.name}",
-                        _sig("m_ptr max_ptr idx_ptr NA NB D stride_g stride_n stride_d",
-                             {"m_ptr": "*fp32", "max_ptr": "*fp32", "idx_ptr": "*i32"}),
-                        (("CLS", shape.class_token), ("DIST", False), ("BLOCK_A", ba),
-                         ("BLOCK_B", bb), ("DOT", prec), ("BLOCK_D", match.match_block_d(shape.d))),
-                        num_warps=match.MATCH_WARPS))
-        bi, bj = match.rank_blocks(na)
-        add(Variant("_rank_kernel", "match", f"rank, {shape.name}",
-                    _sig("max_ptr idx_ptr out_idx_ptr src_idx_ptr dst_pos_ptr score_ptr NA NB R SEARCH",
-                         {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_idx_ptr": "*i64",
-                          "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64", "score_ptr": "*fp32"}),
-                    (("CLS", shape.class_token), ("DIST", False), ("BLOCK_I", bi), ("BLOCK_J", bj)),
-                    num_warps=match.RANK_WARPS))
-        bs, bc = merge._block_s(r), merge._block_c(c)
-        idx = {"out_idx_ptr": "*i64", "src_idx_ptr": "*i64", "dst_pos_ptr": "*i64"}
-        merge_names = ("x_ptr s_ptr out_ptr out_s_ptr out_idx_ptr src_idx_ptr dst_pos_ptr merged_ptr "
-                       "N_OUT R C sxg sxn sxc ssg ssn sog son")
-        # HAS_MERGED: a src_merged mask (drop / hybrid modes); without it merged_ptr is unused
-        for union, has_merged, label in ((False, False, "merge"), (False, True, "merge (drop/hybrid)"),
-                                         (True, False, "merge_source")):
-            add(Variant("_merge_kernel", "merge", f"{label}, {shape.name}",
-                        _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
-                                           "out_s_ptr": "*fp32",
-                                           "merged_ptr": "*i1" if has_merged else "*i64"}),
-                        (("HAS_MERGED", has_merged), ("UNION", union), ("SUM", False),
-                         ("ACC", tl.float32), ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
-        back_names = ("y_ptr out_ptr out_idx_ptr src_idx_ptr dst_pos_ptr N N_OUT R C syg syn syc sog son "
-                      "x_ptr s_ptr mx_ptr ms_ptr gs_ptr merged_ptr grad_s_ptr sxg sxn sxc ssg ssn smg smn")
-        ptrs = {**idx, "y_ptr": "*fp32", "out_ptr": "*fp32", "x_ptr": "*fp32", "s_ptr": "*fp32",
-                "mx_ptr": "*fp32", "ms_ptr": "*fp32", "gs_ptr": "*fp32", "merged_ptr": "*i1",
-                "grad_s_ptr": "*fp32"}
-        for grad, has_merged, label in ((True, False, "merge backward"),
-                                        (True, True, "merge backward (drop/hybrid)"),
-                                        (False, False, "unmerge")):
-            add(Variant("_scatter_back_kernel", "merge", f"{label}, {shape.name}",
-                        _sig(back_names, {**ptrs, "merged_ptr": "*i1" if has_merged else "*i64"}),
-                        (("GRAD", grad), ("HAS_GS", grad), ("HAS_MERGED", has_merged),
-                         ("ACC", tl.float32), ("BLOCK_C", bc)), num_warps=merge.WARPS))
-        add(Variant("_merge_kernel", "merge", f"unmerge backward, {shape.name}",
-                    _sig(merge_names, {**idx, "x_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*fp32",
-                                       "out_s_ptr": "*fp32", "merged_ptr": "*i64"}),
-                    (("HAS_MERGED", False), ("UNION", False), ("SUM", True), ("ACC", tl.float32),
-                     ("BLOCK_S", bs), ("BLOCK_C", bc)), num_warps=merge.WARPS))
+    @contextlib.contextmanager
+    def installed(self):
+        import vtome_kernels.triton as backend
 
-    _select_variants(add)
-
-    strides = ("sqb sqh sqn sqd skb skh skn skd svb svh svn svd ssb ssn")
-    for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for d in ATTN_HEAD_DIMS:
-            if dtype == torch.float32 and d != 64:
-                continue
-            upcast, prec, acc, bm, bn, bd, warps = attn.attn_config(dtype, d, 1568, 1568)
-            meta = (("HAS_SIZE", True), ("UPCAST", upcast), ("PREC", prec), ("ACC", acc),
-                    ("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_D", bd), ("SCALE64", False))
-            p = "*" + tname
-            common = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "s_ptr": p, "scale": "fp32", "scale_ptr": p}
-            add(Variant("_attn_fwd_kernel", "attention", f"prop_attention forward, {tname} d={d}",
-                        _sig(f"q_ptr k_ptr v_ptr s_ptr o_ptr lse_ptr {strides} sob soh son H NQ NK D scale "
-                             "scale_ptr", {**common, "o_ptr": p, "lse_ptr": "*fp32"}), meta, num_warps=warps))
-            bwd = {**common, "do_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": p,
-                   "dv_ptr": p, "dq_ptr": p}
-            add(Variant("_attn_bwd_kv_kernel", "attention", f"prop_attention backward dk/dv, {tname} d={d}",
-                        _sig(f"q_ptr k_ptr v_ptr s_ptr do_ptr lse_ptr delta_ptr dk_ptr dv_ptr {strides} "
-                             "H NQ NK D scale scale_ptr", bwd), meta, num_warps=warps))
-            add(Variant("_attn_bwd_q_kernel", "attention", f"prop_attention backward dq, {tname} d={d}",
-                        _sig(f"q_ptr k_ptr v_ptr s_ptr do_ptr lse_ptr delta_ptr dq_ptr {strides} "
-                             "H NQ NK D scale scale_ptr", bwd), meta, num_warps=warps))
-    return list(out.values())
+        if backend.interpreting():
+            raise RuntimeError("run the kernel report without TRITON_INTERPRET=1 (it compiles the kernels)")
+        before = backend._run
+        backend._run = self
+        try:
+            yield self
+        finally:
+            backend._run = before
 
 
-def _select_variants(add) -> None:
-    """FluxViT selection (vtome_kernels/triton/select.py) at the layouts of
-    benchmarks/select.py: the score kernel per input dtype (exact: no fused multiply-add),
-    the top-K + gather kernel per group size (BLOCK_N: the group's patches, rounded up to
-    a power of two; rows copied as int64 words, as float32 and bfloat16 rows of C=384 or
-    768 are). The score kernel gets the alignment hints Triton gives it at these shapes:
-    its 8-channel vector loads depend on C % 8 == 0."""
+def _bytes(values) -> int:
+    seen, total = set(), 0
+    for t in values:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _work(name: str, a: Dict[str, object], grid) -> Tuple[float, str, int]:
+    """(flops or int ops, unit, dependent passes per program) of one launch, from its loops."""
     import triton
 
+    programs = 1
+    for v in grid:
+        programs *= v
+    if name == "_match_kernel":
+        ba, bb, d, steps = a["BLOCK_A"], a["BLOCK_B"], a["D"], a["B_STEPS"]
+        per = 2 * ba * d + steps * (2 * bb * d + (ba + bb) * d + 2 * ba * bb * d)  # norms, divisions, dots
+        return programs * per, ("tf32" if a["DOT"] else "fp32"), steps
+    if name == "_rank_kernel":
+        na = a["NA"]
+        blocks = triton.cdiv(na, a["BLOCK_J"])
+        ops = programs * (4 * 4 * na + a["BLOCK_I"] * na * (4 if a["CLS"] else 3))
+        return ops, "int32", 5 * blocks  # 4 histogram passes, 1 counting pass
+    if name == "_merge_kernel":
+        rows, r = programs, a["R"]  # (g · N_OUT) x channel blocks
+        c = a["BLOCK_C"]
+        return rows * (r + 3 * c + 3 * c * r / max(1, a["N_OUT"])), "fp32", triton.cdiv(r, a["BLOCK_S"])
+    if name == "_scatter_back_kernel":
+        return programs * 4 * a["C"], "fp32", 0  # a streaming loop: no reduction between steps
+    if name.startswith("_attn"):
+        b_h = programs // triton.cdiv(a["NQ"] if name != "_attn_bwd_kv_kernel" else a["NK"],
+                                      a["BLOCK_M"] if name != "_attn_bwd_kv_kernel" else a["BLOCK_N"])
+        per = {"_attn_fwd_kernel": 4, "_attn_bwd_kv_kernel": 8, "_attn_bwd_q_kernel": 6}[name]
+        unit = "fp32" if a["UPCAST"] else "tensor bf16"
+        inner = a["NK"] if name != "_attn_bwd_kv_kernel" else a["NQ"]
+        step = a["BLOCK_N"] if name != "_attn_bwd_kv_kernel" else a["BLOCK_M"]
+        return b_h * per * a["NQ"] * a["NK"] * a["D"], unit, triton.cdiv(inner, step)
+    if name == "_score_kernel":
+        return 3 * programs * a["BLOCK_L"] * a["C"], "fp32", 0  # streaming, per-thread sums
+    if name == "_topk_gather_kernel":
+        ng = a["NG"]
+        return programs * 33 * ng, "int32", 32 * triton.cdiv(ng, a["BLOCK_N"])
+    raise KeyError(name)
+
+
+def paper_workload(rec: Recorder) -> None:
+    """Every launch function at the paper shapes (benchmarks/shapes.py; attention after one
+    merge, in bfloat16 and float32; selection at benchmarks/select.py's layouts), on CPU
+    tensors, launches recorded by rec. Nothing runs."""
+    match, merge, attn, sel = (_module(n) for n in ("match", "merge", "attention", "select"))
+    for shape in PAPER_SHAPES:
+        x, size, metric = shape.inputs()
+        n, c = shape.x[-2], shape.x[-1]
+        g = shape.groups
+        xf, sf, mf = (t.reshape(g, n, t.shape[-1]) for t in (x, size, metric))
+        r = min(shape.r, (n - shape.class_token) // 2)
+        rec.label = f"match, {shape.name}"
+        node_max, node_idx = match.row_max(mf, shape.class_token, False)
+        rec.label = f"match (tf32 option), {shape.name}"
+        match.row_max(mf, shape.class_token, False, "tf32")
+        rec.label = f"rank, {shape.name}"
+        node_max.copy_(torch.rand_like(node_max))  # the ranking reads nothing here; valid values anyway
+        out_idx, src_idx, dst_pos, score = match.rank(node_max, node_idx.zero_(), n, r, shape.class_token, False)
+        rec.label = f"merge, {shape.name}"
+        out_x, out_s = merge.merge_fwd(xf, sf, out_idx, src_idx, dst_pos, None)
+        rec.label = f"merge (drop/hybrid), {shape.name}"
+        merge.merge_fwd(xf, sf, out_idx, src_idx, dst_pos, torch.ones_like(src_idx, dtype=torch.bool))
+        rec.label = f"merge backward, {shape.name}"
+        merge.merge_bwd(torch.ones_like(out_x), torch.ones_like(out_s), xf, sf, out_x, out_s, out_idx, src_idx,
+                        dst_pos, None)
+        rec.label = f"merge_source, {shape.name}"
+        merge.merge_source_fwd(torch.zeros(g, n, n, dtype=torch.bool), out_idx, src_idx, dst_pos, None)
+        rec.label = f"unmerge, {shape.name}"
+        merge.unmerge_fwd(out_x, out_idx, src_idx, dst_pos, n)
+        rec.label = f"unmerge backward, {shape.name}"
+        merge.unmerge_bwd(xf, out_idx, src_idx, dst_pos)
+        # attention over the merged tokens: the batch's heads, per frame for DST (spatial)
+        b = shape.x[0] * (shape.x[1] if len(shape.x) == 4 else 1)
+        for dtype, tname in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            # q, k, v as a Hugging Face layer hands them over: [B, N, H, d] memory seen as [B, H, N, d]
+            q, k, v = (torch.randn(b, n - r, 12, 64, dtype=dtype).transpose(1, 2) for _ in range(3))
+            rec.label = f"prop_attention {tname} d=64, {shape.name}"
+            o, lse = attn.attn_fwd(q, k, v, out_s, 0.125)
+            rec.label = f"prop_attention backward {tname} d=64, {shape.name}"
+            attn.attn_bwd(o, q, k, v, out_s, o, lse, 0.125)
+    for d in (32, 128):  # the other head dims the tiles were chosen for
+        q, k, v = (torch.randn(1, 1568, 12, d, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+        rec.label = f"prop_attention bf16 d={d}, [1, 12, 1568, {d}]"
+        o, lse = attn.attn_fwd(q, k, v, None, 0.125)
+        rec.label = f"prop_attention backward bf16 d={d}, [1, 12, 1568, {d}]"
+        attn.attn_bwd(o, q, k, v, None, o, lse, 0.125)
+    _select_workload(rec, sel)
+
+
+def _select_workload(rec: Recorder, sel) -> None:
+    """FluxViT selection at benchmarks/select.py's layouts (C 384 / 768, float32 and
+    bfloat16, budget 1024, batch 8) and one group above BLOCK_N_MAX patches."""
     from benchmarks.select import LAYOUTS
     from vtome_kernels.select import resolve_groups
 
-    sel = _module("select")
-    for tname in ("fp32", "bf16"):
-        add(Variant("_score_kernel", "select", f"select scores, {tname}",
-                    _sig("x_ptr score_ptr T L C F", {"x_ptr": "*" + tname, "score_ptr": "*fp32"}),
-                    (("BLOCK_L", sel._BLOCK_L),), fp_fusion=False, num_warps=sel._SCORE_WARPS,
-                    aligned=("x_ptr", "score_ptr", "C")))
-    for t, l in LAYOUTS:
+    for t, l in LAYOUTS + ((4, 2500),):
         groups = resolve_groups("auto", t)
-        ng = (t // groups) * l
-        add(Variant("_topk_gather_kernel", "select", f"select top-K + gather, T={t} L={l} ({groups} groups)",
-                    _sig("score_ptr x_ptr kept_ptr index_ptr G NG W K",
-                         {"score_ptr": "*fp32", "x_ptr": "*i64", "kept_ptr": "*i64", "index_ptr": "*i64"}),
-                    (("BLOCK_N", triton.next_power_of_2(ng)), ("BLOCK_R", sel._BLOCK_R),
-                     ("BLOCK_W", sel._BLOCK_W), ("NAN_KEY", sel._NAN_KEY)), num_warps=sel._GATHER_WARPS))
+        b = 8 if (t, l) in LAYOUTS else 1
+        for c in (384, 768):
+            for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                x = torch.zeros(b, t, l, c, dtype=dtype)
+                k = min(1024, t * l - 1) // groups
+                rec.label = f"select, T={t} L={l} C={c} {tname} K={k * groups} b{b}"
+                sel.select(x, k, groups)
+
+
+def variants() -> List[Variant]:
+    """Every compilation the paper shapes make (deduplicated; labels list the shapes)."""
+    rec = Recorder()
+    with rec.installed():
+        paper_workload(rec)
+    return list(rec.variants.values())
 
 
 def _ptxas() -> str:
@@ -220,23 +308,23 @@ def _ptxas_usage(ptx: str, fp_fusion: bool) -> Tuple[int, int, int, int]:
 
 
 def compile_variant(v: Variant, capability: int) -> Row:
+    import time
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = getattr(_module(v.module), v.kernel)
-    sig = dict(v.signature)
-    consts = dict(v.constexprs)
-    sig.update({k: "constexpr" for k in consts})
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
-    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": v.num_warps, "enable_fp_fusion": v.fp_fusion})
+    attrs = {k: [list(a) for a in val] for k, val in v.attrs}
+    src = ASTSource(fn, dict(v.signature), constexprs=dict(v.constexprs), attrs=attrs)
+    t0 = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=dict(v.options))
+    seconds = time.perf_counter() - t0
     ptx = compiled.asm["ptx"]
     regs, st, ld, static_smem = _ptxas_usage(ptx, v.fp_fusion)
     mma = ",".join(k for k in ("wgmma", "mma.sync") if k in ptx) or "no"
     fma = len(re.findall(r"\bfma\.", ptx))
-    return Row(v, capability, regs, st, ld, compiled.metadata.shared + static_smem, mma, fma)
+    return Row(v, capability, regs, st, ld, compiled.metadata.shared + static_smem, mma, fma, seconds)
 
 
 def report(targets=TARGETS) -> List[Row]:
@@ -244,17 +332,27 @@ def report(targets=TARGETS) -> List[Row]:
         raise RuntimeError("run the kernel report without TRITON_INTERPRET=1 (it compiles the kernels)")
     jobs = [(v, t) for v in variants() for t in targets]
     workers = max(1, min(4, os.cpu_count() or 1))
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:  # ptxas runs are independent
-        return list(pool.map(compile_variant, *zip(*jobs)))
+    before = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # an empty cache: the compile times are real
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers) as pool:  # ptxas runs are independent
+                return list(pool.map(compile_variant, *zip(*jobs)))
+        finally:
+            if before is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = before
 
 
 def table(rows: List[Row]) -> str:
     lines = ["| kernel | used for | target | registers | spills (st/ld bytes) | shared memory | "
-             "tensor cores | fma in PTX |", "|---|---|---|---:|---:|---:|---|---:|"]
+             "tensor cores | fma in PTX | specialised | compile s |",
+             "|---|---|---|---:|---:|---:|---|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r.variant.kernel} | {r.variant.label} | sm_{r.target} | {r.regs} | "
                      f"{r.spill_stores}/{r.spill_loads} | {r.smem} B (limit {SMEM_LIMIT[r.target]}) | "
-                     f"{r.mma} | {r.fma} |")
+                     f"{r.mma} | {r.fma} | {r.variant.specialised} | {r.compile_s:.2f} |")
     return "\n".join(lines)
 
 
@@ -315,20 +413,186 @@ def traffic_table() -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------
+# predicted H100 times per launch (a roofline model: predictions, nothing measured)
+# --------------------------------------------------------------------------------------
+H100 = dict(sms=132, hbm=3.35e12, fp32=67e12, tf32=494.7e12, bf16=989.4e12, int32=16.7e12)
+PASS_US = 0.25  # one dependent pass in a program: an L2-resident tile load and a block reduction
+LAUNCH_US = 3.0  # the smallest kernel time on a GPU (launch and drain)
+PEAK = {"fp32": "fp32", "tf32": "tf32", "tensor bf16": "bf16", "int32": "int32"}
+
+
+def predict(launch: Launch) -> Tuple[float, str, int]:
+    """(predicted µs, what binds, programs) of one launch on an H100 SXM: the largest of the
+    launch floor, bytes / HBM bandwidth, work / the unit's peak (both scaled by the share of
+    the 132 SMs the grid occupies) and the program's chain of dependent passes."""
+    programs = 1
+    for v in launch.grid:
+        programs *= v
+    share = min(1.0, programs / H100["sms"])
+    times = {"launch": LAUNCH_US,
+             "memory": launch.bytes / (H100["hbm"] * share) * 1e6,
+             "compute": launch.flops / (H100[PEAK[launch.unit]] * share) * 1e6,
+             "latency": launch.serial * PASS_US}
+    bound = max(times, key=times.get)
+    return times[bound], bound, programs
+
+
+def predict_table(launches: Sequence[Launch]) -> str:
+    lines = ["| launch | at | programs | MB (tensor arguments, each once) | G ops (unit) | dependent passes | "
+             "predicted H100 µs | bound by |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for w in launches:
+        us, bound, programs = predict(w)
+        lines.append(f"| {w.kernel} | {w.label} | {programs} | {w.bytes / 1e6:.2f} | "
+                     f"{w.flops / 1e9:.3f} ({w.unit}) | {w.serial} | {us:.1f} | {bound} |")
+    return "\n".join(lines)
+
+
+def paper_launches() -> List[Launch]:
+    """The launches of one merge step (match, rank, merge), of bf16 attention after it and
+    of selection, at every paper shape (the rest of the workload: backward, options)."""
+    rec = Recorder()
+    with rec.installed():
+        paper_workload(rec)
+    keep = ("match, ", "rank, ", "merge, ", "prop_attention bf16 d=64, ", "select, ")
+    return [w for w in rec.launches if w.label.startswith(keep) and "1568, 32]" not in w.label]
+
+
+# --------------------------------------------------------------------------------------
+# compilations of a first forward of each patched model (recorded, nothing compiled or run)
+# --------------------------------------------------------------------------------------
+def _reference_stage(name: str):
+    """The reference's result for one vtome:: op (what the model goes on with)."""
+    from vtome_kernels import reference
+
+    def merge_fused(x, size, metric, r, class_token, distill_token):
+        out_idx, src_idx, dst_pos, _ = reference.match(metric, r, class_token, distill_token)
+        if size is None:
+            size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32)
+        out_x, out_s = reference.merge(x, size, out_idx, src_idx, dst_pos, None)
+        return out_x, out_s, out_idx, src_idx, dst_pos
+
+    def prop_attention(q, k, v, size, scale):
+        logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if size is not None:
+            logits = logits + size.float().log()[:, None, None, :, 0]
+        return reference.prop_attention(q, k, v, size, scale), torch.logsumexp(logits, -1)
+
+    special = {"merge_fused": merge_fused, "prop_attention": prop_attention}
+    return special.get(name) or getattr(reference, name)
+
+
+def first_forward_keys(case, batch: int = 2, dtype=torch.bfloat16) -> Tuple[int, int]:
+    """(distinct compile keys, launches) of the first forward of a patched model with
+    backend="triton" at the paper input, batch ``batch``, in ``dtype``. The vtome:: ops'
+    CPU dispatch key is lent, for the forward, to kernels that call the Triton launch
+    functions on the CPU tensors (each launch recorded with the key Triton's binder makes
+    for an sm_90 device, and not run) and return the reference's result, so every layer
+    sees the shapes and values a GPU run would."""
+    from vtome_kernels import ops
+    from vtome_kernels.triton import backend
+
+    rec = Recorder()
+
+    def spy(name):
+        def run(*args):
+            backend.KERNELS[name](*args)  # records the launches; their outputs are never written
+            return _reference_stage(name)(*args)
+        return run
+
+    torch.manual_seed(0)
+    model = case.patch(case.build(False).eval().to(dtype), r=case.r, backend="triton")
+    x = torch.randn((batch,) + case.shape(False)[1:], dtype=dtype)
+    lib = torch.library.Library("vtome", "IMPL")
+    supports = backend.supports
+    try:
+        for name in backend.KERNELS:
+            lib.impl(name, spy(name), "CPU")
+        ops.cpu_override, backend.supports = "kernel_report", (lambda device: None)
+        rec.label = case.name
+        with rec.installed(), torch.inference_mode():
+            model(x)
+    finally:
+        ops.cpu_override, backend.supports = None, supports
+        lib._destroy()
+    return len(rec.variants), len(rec.launches)
+
+
+def compile_counts_table(median_compile_s: float) -> str:
+    from benchmarks.e2e import CASES
+
+    lines = ["| model (r, bf16, backend triton) | launches in a first forward | distinct compilations | "
+             "expected first-call compile time |", "|---|---:|---:|---:|"]
+    for case in CASES:
+        progress(f"first forward of patched {case.name}")
+        keys, launches = first_forward_keys(case)
+        lines.append(f"| {case.name} (r={case.r}) | {launches} | {keys} | "
+                     f"~{keys * median_compile_s:.0f} s ({keys} x {median_compile_s:.1f} s) |")
+    return "\n".join(lines)
+
+
+def summary_table(rows: List[Row]) -> str:
+    """One line per compilation, sm_80 and sm_90 side by side (for BENCHMARKS.md)."""
+    by: Dict[Variant, Dict[int, Row]] = {}
+    for r in rows:
+        by.setdefault(r.variant, {})[r.target] = r
+    targets = sorted({r.target for r in rows})
+    head = " | ".join(f"sm_{t} regs / spills / smem B / tensor cores" for t in targets)
+    lines = [f"| kernel | used for | specialised at run time | {head} | compile s (sm_{targets[-1]}) |",
+             "|---|---|---|" + "---|" * len(targets) + "---:|"]
+    for v, per in by.items():
+        cells = " | ".join(f"{per[t].regs} / {per[t].spill_stores}/{per[t].spill_loads} / {per[t].smem} / "
+                           f"{per[t].mma}" for t in targets)
+        lines.append(f"| {v.kernel} | {v.label} | {v.specialised} | {cells} | {per[targets[-1]].compile_s:.1f} |")
+    return "\n".join(lines)
+
+
+MARKERS = {name: (f"<!-- kernel-report-{name}:begin -->", f"<!-- kernel-report-{name}:end -->")
+           for name in ("compile", "predict", "counts")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, e.g. 80,90")
     parser.add_argument("--traffic", action="store_true",
                         help="print only the analytic global-memory traffic per paper shape")
+    parser.add_argument("--predict", action="store_true",
+                        help="print only the predicted H100 time of every launch at the paper shapes")
+    parser.add_argument("--compile-counts", action="store_true",
+                        help="also count the compilations of a first forward of each patched model (minutes)")
+    parser.add_argument("--write", action="store_true",
+                        help="with --compile-counts: put the tables into BENCHMARKS.md (compile report, "
+                             "predictions, compile counts)")
     args = parser.parse_args(argv)
     if args.traffic:
         print(traffic_table())
         return 0
+    if args.predict:
+        print(predict_table(paper_launches()))
+        return 0
     rows = report(tuple(int(t) for t in args.targets.split(",")))
+    import statistics
+
     import triton
 
-    print(f"triton {triton.__version__}, ptxas {_ptxas()}; {len(rows)} compiled kernels\n")
+    print(f"triton {triton.__version__}, ptxas {_ptxas()}; {len(rows)} compiled kernels (the specialisations "
+          f"Triton's binder makes at the paper shapes)\n")
     print(table(rows))
+    if args.compile_counts:
+        median = statistics.median(r.compile_s for r in rows if r.target == TARGET)
+        counts = compile_counts_table(median)
+        print("\n" + counts)
+        if args.write:
+            import pathlib
+
+            from benchmarks.harness import write_block
+
+            path = pathlib.Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+            write_block(path, *MARKERS["compile"], summary_table(rows))
+            write_block(path, *MARKERS["predict"], predict_table(paper_launches()))
+            write_block(path, *MARKERS["counts"], counts)
+            progress("BENCHMARKS.md updated")
     bad = [r for r in rows if r.spill_stores or r.spill_loads or r.smem > SMEM_LIMIT[r.target]]
     return 1 if bad else 0
 

@@ -34,7 +34,7 @@ import torch
 import vtome_kernels as vt
 from vtome_kernels.select import auto_groups, kept_count
 
-from .harness import machine, median_ms, progress, runnable_backends, time_interleaved, write_block
+from .harness import absent_note, machine, median_ms, progress, runnable_backends, time_interleaved, write_block
 
 BEGIN, END = "<!-- select-table:begin -->", "<!-- select-table:end -->"
 LAYOUTS = ((16, 144), (8, 196))  # (T, L)
@@ -112,6 +112,10 @@ def select_table(shapes: Sequence[SelectShape], device: torch.device, rounds: in
         progress(f"[{i}/{len(shapes)}] {shape.name}: warming up")
         x = shape.inputs(dtype=dtype, device=device)
         fns = {name: (lambda fn=fn: fn(x)) for name, fn in make_providers(shape, device).items()}
+        want = vt.select(x, shape.budget, backend="reference")  # every vt- result checked first
+        for name, fn in fns.items():
+            if name.startswith("vt-") and not all(torch.equal(a, b) for a, b in zip(fn(), want)):
+                raise AssertionError(f"{name} selects other tokens than the reference at {shape.name}")
         med = {name: median_ms(t) for name, t in time_interleaved(fns, device, rounds).items()}
         kept = kept_count(shape.budget, shape.t, shape.l, auto_groups(shape.t))
         floor = med["copy"] * (shape.t * shape.l + kept) / (2 * shape.t * shape.l)
@@ -120,7 +124,8 @@ def select_table(shapes: Sequence[SelectShape], device: torch.device, rounds: in
         for name, ms in med.items():
             lines.append(f"| {shape.name} | {name} | {ms:.3f} | {med['fluxvit-eager'] / ms:.2f}x | "
                          f"{ms / floor:.2f} |")
-    return "\n".join(lines)
+    note = absent_note("select", device)
+    return "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
 def write_section(table: str, header: str, path: pathlib.Path) -> None:

@@ -1,7 +1,11 @@
-"""Test configuration: hypothesis profiles.
+"""Test configuration: hypothesis profiles, the interpreter, the ``gpu`` marker.
 
 "default" is derandomised, so every run (and CI) checks the same examples; set
 HYPOTHESIS_PROFILE=explore to draw new ones.
+
+Tests marked ``gpu`` run the compiled kernels on CUDA tensors (in their own process: this
+one has Triton in interpreter mode); they are skipped where CUDA is absent. ``pytest -m
+gpu`` runs only them, ``pytest -m "not gpu"`` everything else.
 """
 
 import os
@@ -52,3 +56,18 @@ def triton_interpret(monkeypatch):
         why = backend.supports("cpu")
         assert why is None, why
         yield backend
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: compiled Triton kernels on CUDA tensors (needs a GPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton kernels)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

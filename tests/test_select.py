@@ -138,7 +138,7 @@ def test_benchmark_main_prints_the_table(capsys):
 
     assert len(paper_shapes()) == 20  # budget 2048 >= 8·196 tokens is left out
     assert main(["--quick", "--batch", "1", "--channels", "8", "--budgets", "30",
-                 "--layouts", "8x9"]) == 0
+                 "--layouts", "8x9", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| B=1 T=8 L=9 C=8 K=30 | fluxvit-eager |" in out
     assert "| floor |" in out and "| vt-reference |" in out

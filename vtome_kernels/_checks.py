@@ -53,9 +53,19 @@ def leading(name: str, t: torch.Tensor, lead: Sequence[int], last: Optional[int]
 
 
 def sizes(name: str, size: torch.Tensor) -> None:
-    """Token sizes are positive (checked eagerly; skipped under torch.compile)."""
-    if not _compiling() and size.numel() and not bool((size > 0).all()):
-        raise ValueError(f"{name} must be positive everywhere, got min {size.min().item()}")
+    """Token sizes are positive (skipped under torch.compile).
+
+    On CPU a ValueError names the smallest size. On any other device reading the answer
+    back would make the host wait for the device (one sync per layer), so the check is an
+    asynchronous device-side assertion: a bad size fails a later CUDA call instead.
+    """
+    if _compiling() or not size.numel():
+        return
+    if size.device.type == "cpu":
+        if not bool((size > 0).all()):
+            raise ValueError(f"{name} must be positive everywhere, got min {size.min().item()}")
+    elif size.device.type != "meta":
+        torch._assert_async((size > 0).all(), f"{name} must be positive everywhere")
 
 
 def count(name: str, value, minimum: int = 0) -> int:

@@ -13,6 +13,12 @@ import torch
 from . import _checks
 from .backends import resolve
 
+# "auto" on CUDA sends attention in these dtypes to the reference (PyTorch's SDPA, whose
+# memory-efficient kernel takes the log-size bias as its mask) rather than to the Triton
+# kernel, whose float32 dots run on CUDA cores at small tiles: docs/DESIGN.md, "auto and
+# float32 attention on CUDA" (an argument until a GPU measures it: python -m benchmarks.gpu).
+IEEE_DTYPES = (torch.float32, torch.float64)
+
 
 def prop_attention(
     q: torch.Tensor,
@@ -43,5 +49,7 @@ def prop_attention(
         scale = d**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if backend == "auto" and q.device.type == "cuda" and q.dtype in IEEE_DTYPES:
+        backend = "reference"  # see IEEE_DTYPES
     module = resolve(backend, "prop_attention", q.device)
     return module.prop_attention(q, k, v, size, float(scale))

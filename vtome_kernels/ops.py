@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-_LIB = torch.library.Library("vtome", "FRAGMENT")  # noqa: F841  (kept alive: owns the schemas)
+_LIB = torch.library.Library("vtome", "FRAGMENT")  # kept alive: it owns the schemas
 
 SCHEMAS = {
     "match": "match(Tensor metric, int r, bool class_token, bool distill_token) "

@@ -1,12 +1,12 @@
 """Triton proportional attention: flash-style softmax(q·kᵀ·scale + log(size)ᵀ)·v.
 
-Forward: one program per (query block, batch·head) streams the keys with a running max and
-sum (the log(size) bias is added to the logits before the running max) and writes the
-output and the log-sum-exp. Backward recomputes the probabilities from the log-sum-exp:
+Forward: one program per (batch·head, query block), all on grid axis 0, streams the keys
+with a running max and sum (the log(size) bias is added to the logits before the running
+max) and writes the output and the log-sum-exp. Backward recomputes the probabilities from the log-sum-exp:
 one kernel accumulates dk and dv per key block, one dq per query block. size None is plain
 attention. Accumulation in float32 (float64 for float64 inputs); bfloat16 / float16 use
-tensor cores on a GPU, float32 uses IEEE dots; under the interpreter every dot is done
-on upcast operands (its bfloat16 dot is wrong).
+tensor cores on a GPU, float32 uses IEEE dots; under the interpreter bfloat16 operands
+are upcast (its bfloat16 dot is wrong), float16 operands go into tl.dot as on a GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting, launch
+from . import interpreting, large_tiles, launch
 
 
 @triton.jit
@@ -44,10 +44,11 @@ def _attn_fwd_kernel(
 ):
     if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
         scale = tl.load(scale_ptr)
-    bh = tl.program_id(1)
+    blocks = tl.cdiv(NQ, BLOCK_M)  # axis 0 = bh * blocks + query block (any batch fits)
+    bh = tl.program_id(0) // blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = (tl.program_id(0) % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < NQ, d < D
     q = _tile(q_ptr + b * sqb + h * sqh, m, sqn, d, sqd, m_ok[:, None] & d_ok[None, :], UPCAST, ACC)
@@ -88,10 +89,11 @@ def _attn_bwd_kv_kernel(
     """dk, dv of one key block: streams every query block (probabilities recomputed)."""
     if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
         scale = tl.load(scale_ptr)
-    bh = tl.program_id(1)
+    blocks = tl.cdiv(NK, BLOCK_N)  # axis 0 = bh * blocks + key block (any batch fits)
+    bh = tl.program_id(0) // blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = (tl.program_id(0) % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     n_ok, d_ok = n < NK, d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -137,10 +139,11 @@ def _attn_bwd_q_kernel(
     """dq of one query block: streams every key block (probabilities recomputed)."""
     if SCALE64:  # a float argument is float32: float64 runs read the scale from memory
         scale = tl.load(scale_ptr)
-    bh = tl.program_id(1)
+    blocks = tl.cdiv(NQ, BLOCK_M)  # axis 0 = bh * blocks + query block (any batch fits)
+    bh = tl.program_id(0) // blocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = (tl.program_id(0) % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     m_ok, d_ok = m < NQ, d < D
     q_mask = m_ok[:, None] & d_ok[None, :]
@@ -175,10 +178,12 @@ def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
     and sm_90 (float32 uses IEEE dots on CUDA cores, so smaller tiles).
     """
     acc = tl.float64 if dtype == torch.float64 else tl.float32
-    upcast = interpreting() or dtype in (torch.float32, torch.float64)
-    prec = "ieee" if dtype in (torch.float32, torch.float64) or interpreting() else "tf32"
+    # The interpreter's bfloat16 tl.dot is wrong (triton 3.8): bfloat16 is upcast there;
+    # float16 operands go into tl.dot as on a GPU (the interpreter computes those right).
+    upcast = dtype in (torch.float32, torch.float64) or (interpreting() and dtype == torch.bfloat16)
+    prec = "ieee" if upcast else "tf32"
     bd = max(16, triton.next_power_of_2(d))
-    if interpreting():
+    if large_tiles():
         bm = max(16, min(128, triton.next_power_of_2(nq)))
         bn = max(16, min(128, triton.next_power_of_2(nk)))
     elif dtype in (torch.float32, torch.float64):
@@ -188,6 +193,20 @@ def attn_config(dtype: torch.dtype, d: int, nq: int, nk: int):
     else:
         bm, bn = 64, 64
     return upcast, prec, acc, bm, bn, bd, 4
+
+
+def bwd_kv_config(dtype: torch.dtype, bm: int, bd: int, warps: int):
+    """(BLOCK_M, warps) of the dk/dv kernel, which holds four [BLOCK_N, d] tiles (k, v, dk,
+    dv) across its loop: half the query step for bfloat16 / float16 at d <= 64, twice the
+    warps for float32, so it compiles spill-free as Triton specialises it at run time
+    (unit strides, multiples of 16; benchmarks/kernel_report.py)."""
+    if large_tiles():
+        return bm, warps
+    if dtype in (torch.float32, torch.float64):
+        return bm, 2 * warps
+    if bd <= 64:
+        return min(bm, 32), warps
+    return bm, warps
 
 
 def _size_args(size, ref: torch.Tensor):
@@ -213,7 +232,7 @@ def attn_fwd(q, k, v, size, scale: float):
     lse = torch.empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                       device=q.device)
     s, ssb, ssn = _size_args(size, q)
-    launch(_attn_fwd_kernel, (triton.cdiv(nq, bm), b * h),
+    launch(_attn_fwd_kernel, (b * h * triton.cdiv(nq, bm),),
            q, k, v, s, out, lse, *q.stride(), *k.stride(), *v.stride(), ssb, ssn,
            out.stride(0), out.stride(1), out.stride(2), h, nq, nk, d, *_scale_args(scale, q),
            HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
@@ -235,9 +254,10 @@ def attn_bwd(dout, q, k, v, size, out, lse, scale: float):
     common = (*q.stride(), *k.stride(), *v.stride(), ssb, ssn, h, nq, nk, d, *_scale_args(scale, q))
     meta = dict(HAS_SIZE=size is not None, UPCAST=upcast, PREC=prec, ACC=acc,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SCALE64=q.dtype == torch.float64, num_warps=warps)
-    launch(_attn_bwd_kv_kernel, (triton.cdiv(nk, bn), b * h),
-           q, k, v, s, dout, lse, delta, dk, dv, *common, **meta)
-    launch(_attn_bwd_q_kernel, (triton.cdiv(nq, bm), b * h),
+    bm_kv, warps_kv = bwd_kv_config(q.dtype, bm, bd, warps)
+    launch(_attn_bwd_kv_kernel, (b * h * triton.cdiv(nk, bn),),
+           q, k, v, s, dout, lse, delta, dk, dv, *common, **{**meta, "BLOCK_M": bm_kv, "num_warps": warps_kv})
+    launch(_attn_bwd_q_kernel, (b * h * triton.cdiv(nq, bm),),
            q, k, v, s, dout, lse, delta, dq, *common, **meta)
     return dq, dk, dv
 

@@ -132,7 +132,7 @@ def _register(lib: torch.library.Library, dispatch_key: str) -> None:
         lib.impl(name, fn, dispatch_key)
 
 
-_CUDA_LIB = torch.library.Library("vtome", "IMPL")
+_CUDA_LIB = torch.library.Library("vtome", "IMPL")  # kept alive: it owns the CUDA kernels
 _register(_CUDA_LIB, "CUDA")
 
 

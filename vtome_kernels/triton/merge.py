@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting, launch
+from . import large_tiles, launch
 
 
 @triton.jit
@@ -24,15 +24,16 @@ def _merge_kernel(
     HAS_MERGED: tl.constexpr, UNION: tl.constexpr, SUM: tl.constexpr, ACC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Output row o of group g, channels [pid_c block]: its base token plus its sources.
+    """Output row o of group g, channels [pid(1) block]: its base token plus its sources.
 
     UNION=False: size-weighted mean in ACC (and the summed size, written by the first
     channel block); UNION=True: element-wise max of the members (0/1 source maps);
     SUM=True: plain sum of the base row and every member row (the backward of unmerge).
     """
-    g = tl.program_id(0).to(tl.int64)
-    o = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid = tl.program_id(0)  # g * N_OUT + o: groups x rows on axis 0 (any batch fits)
+    g = (pid // N_OUT).to(tl.int64)
+    o = pid % N_OUT
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     base = tl.load(out_idx_ptr + g * N_OUT + o)
     xg = x_ptr + g * sxg
@@ -67,7 +68,7 @@ def _merge_kernel(
                 tot += tl.sum(w, axis=0)
     if not UNION and not SUM:
         acc = tl.where(got > 0, acc / tot, x_base)
-        if tl.program_id(2) == 0:
+        if tl.program_id(1) == 0:
             tl.store(out_s_ptr + g * N_OUT + o, tot.to(out_s_ptr.dtype.element_ty))
     tl.store(out_ptr + g * sog + o * son + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
 
@@ -91,8 +92,9 @@ def _scatter_back_kernel(
     the merged x, scaled by the token's share s_t / S_row (0 for a discarded source), and
     the size gradient g_S[row] + share-free sum_c y[row, c] (x_t[c] - out[row, c]) / S_row.
     """
-    g = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1)
+    pid = tl.program_id(0)  # g * (N_OUT + R) + t: groups x tokens on axis 0 (any batch fits)
+    g = (pid // (N_OUT + R)).to(tl.int64)
+    t = pid % (N_OUT + R)
     is_base = t < N_OUT
     p = tl.maximum(t - N_OUT, 0)
     row = tl.where(is_base, t.to(tl.int64), tl.load(dst_pos_ptr + g * R + p, mask=~is_base, other=0))
@@ -135,13 +137,13 @@ def _acc(dtype: torch.dtype):
 
 
 def _block_c(c: int) -> int:
-    if interpreting():
+    if large_tiles():
         return max(16, min(1024, triton.next_power_of_2(c)))
     return max(16, min(128, triton.next_power_of_2(c)))
 
 
 def _block_s(r: int) -> int:
-    if interpreting():
+    if large_tiles():
         return max(16, min(1024, triton.next_power_of_2(max(r, 1))))
     return 32
 
@@ -154,7 +156,7 @@ def _gather(x, s, out, out_s, out_idx, src_idx, dst_pos, src_merged, s_strides, 
     r = src_idx.shape[1]
     bc = _block_c(c)
     merged = src_merged if src_merged is not None else src_idx  # unused without HAS_MERGED
-    launch(_merge_kernel, (g, n_out, triton.cdiv(c, bc)),
+    launch(_merge_kernel, (g * n_out, triton.cdiv(c, bc)),
            x, s, out, out_s, out_idx, src_idx, dst_pos, merged, n_out, r, c,
            *x.stride(), *s_strides, out.stride(0), out.stride(1),
            HAS_MERGED=src_merged is not None, UNION=union, SUM=total, ACC=acc,
@@ -198,7 +200,7 @@ def unmerge_fwd(y, out_idx, src_idx, dst_pos, n: int):
     r = src_idx.shape[1]
     out = torch.empty(g, n, c, dtype=y.dtype, device=y.device)
     bc = _block_c(c)
-    launch(_scatter_back_kernel, (g, n_out + r),
+    launch(_scatter_back_kernel, (g * (n_out + r),),
            y, out, out_idx, src_idx, dst_pos, n, n_out, r, c,
            *y.stride(), out.stride(0), out.stride(1),
            y, y, y, y, y, src_idx, y, 0, 0, 0, 0, 0, 0, 0,
@@ -215,7 +217,7 @@ def merge_bwd(grad_x, grad_s, x, size, out_x, out_s, out_idx, src_idx, dst_pos, 
     bc = _block_c(c)
     merged = src_merged if src_merged is not None else src_idx
     gs = grad_s if grad_s is not None else out_s
-    launch(_scatter_back_kernel, (g, n_out + r),
+    launch(_scatter_back_kernel, (g * (n_out + r),),
            grad_x, grad_in, out_idx, src_idx, dst_pos, n, n_out, r, c,
            *grad_x.stride(), grad_in.stride(0), grad_in.stride(1),
            x, size, out_x, out_s, gs, merged, grad_size,

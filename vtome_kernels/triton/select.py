@@ -24,12 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 _NAN_KEY = 0x7FC00000  # every NaN ranks here: above +inf (0x7F800000), as in torch.sort
 _BLOCK_L = 64  # patches scored per program
 _SCORE_WARPS = 2  # 64 threads: one patch each
 _BLOCK_R = 64  # patches gathered per program
 _BLOCK_W = 32  # words of a row copied per step
 _GATHER_WARPS = 4
+BLOCK_N_MAX = 2048  # scores of a group read per step by the top-K search (bounded: no spills)
 
 
 @triton.jit
@@ -87,41 +90,55 @@ def _score_kernel(x_ptr, score_ptr, T, L, C, F, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
+def _keys(score_ptr, pos, NG, NAN_KEY: tl.constexpr):
+    """int32 keys of the scores at positions pos of a group: bit patterns (scores >= 0 sort
+    like their bits), NaN canonical above +inf, padding -1."""
+    s = tl.load(score_ptr + pos, mask=pos < NG, other=0.0)
+    key = tl.where(s != s, NAN_KEY, s.to(tl.int32, bitcast=True))
+    return tl.where(pos < NG, key, -1)
+
+
+@triton.jit
 def _topk_gather_kernel(score_ptr, x_ptr, kept_ptr, index_ptr, G, NG, W, K,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
                         NAN_KEY: tl.constexpr):
     """Top K of group pid(0) (ties to the lower position); copy rows of block pid(1).
 
-    x and kept are seen as rows of W integer words (the rows' bits, copied exactly).
+    The group's scores are read BLOCK_N at a time (BLOCK_N is bounded, so any group size
+    compiles without spilling; the paper layouts fit in one block). x and kept are seen as
+    rows of W integer words (the rows' bits, copied exactly).
     """
     pid_g = tl.program_id(0).to(tl.int64)  # b * G + g
     pid_r = tl.program_id(1)
     base = pid_g * NG  # first patch of the group in the flattened [B·T·L] grid
-
-    # The group's keys: int32 bit patterns of the scores, NaN canonical, padding -1.
     offs = tl.arange(0, BLOCK_N)
-    s = tl.load(score_ptr + base + offs, mask=offs < NG, other=0.0)
-    key = tl.where(s != s, NAN_KEY, s.to(tl.int32, bitcast=True))
-    key = tl.where(offs < NG, key, -1)
 
     # Radix search: thr = the largest value with count(key >= thr) >= K, the K-th key.
     thr = 0
     for i in tl.static_range(31):
         cand = thr | (1 << (30 - i))
-        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+        cnt = 0
+        for n0 in range(0, NG, BLOCK_N):
+            key = _keys(score_ptr + base, n0 + offs, NG, NAN_KEY)
+            cnt += tl.sum((key >= cand).to(tl.int32), axis=0)
         thr = tl.where(cnt >= K, cand, thr)
-    need = K - tl.sum((key > thr).to(tl.int32), axis=0)  # ties at thr to keep, lowest first
 
-    # This program's rows: keep flags, and kept / tied counts before the block.
+    # Keys above thr, and above / equal to it before this program's first row r0.
     r0 = pid_r * BLOCK_R
-    eq_before = tl.sum(((key == thr) & (offs < r0)).to(tl.int32), axis=0)
-    keep_all = (key > thr) | ((key == thr) & (tl.cumsum((key == thr).to(tl.int32), axis=0) <= need))
-    kept_before = tl.sum((keep_all & (offs < r0)).to(tl.int32), axis=0)
+    gt = 0
+    gt_before = 0
+    eq_before = 0
+    for n0 in range(0, NG, BLOCK_N):
+        pos = n0 + offs
+        key = _keys(score_ptr + base, pos, NG, NAN_KEY)
+        gt += tl.sum((key > thr).to(tl.int32), axis=0)
+        gt_before += tl.sum(((key > thr) & (pos < r0)).to(tl.int32), axis=0)
+        eq_before += tl.sum(((key == thr) & (pos < r0)).to(tl.int32), axis=0)
+    need = K - gt  # ties at thr to keep, lowest positions first
+    kept_before = gt_before + tl.minimum(eq_before, need)
 
     rows = r0 + tl.arange(0, BLOCK_R)
-    sr = tl.load(score_ptr + base + rows, mask=rows < NG, other=0.0)
-    kr = tl.where(sr != sr, NAN_KEY, sr.to(tl.int32, bitcast=True))
-    kr = tl.where(rows < NG, kr, -1)
+    kr = _keys(score_ptr + base, rows, NG, NAN_KEY)
     eq = kr == thr
     keep = (kr > thr) | (eq & (eq_before + tl.cumsum(eq.to(tl.int32), axis=0) <= need))
     pos = kept_before + tl.cumsum(keep.to(tl.int32), axis=0) - 1  # output row in the group
@@ -136,6 +153,11 @@ def _topk_gather_kernel(score_ptr, x_ptr, kept_ptr, index_ptr, G, NG, W, K,
         m = keep[:, None] & (cols < W)[None, :]
         v = tl.load(src + cols[None, :], mask=m)
         tl.store(dst + cols[None, :], v, mask=m)
+
+
+def topk_block_n(ng: int) -> int:
+    """Scores per step of the top-K search: the whole group up to BLOCK_N_MAX."""
+    return min(triton.next_power_of_2(ng), BLOCK_N_MAX)
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -155,11 +177,9 @@ def select_scores(x: torch.Tensor, groups: int) -> torch.Tensor:
     b, t, l, c = x.shape
     x = x.contiguous()
     scores = torch.empty(b, t, l, dtype=torch.float32, device=x.device)
-    if scores.numel():
-        _score_kernel[(b * t, triton.cdiv(l, _BLOCK_L))](
-            x, scores, t, l, c, t // groups, BLOCK_L=_BLOCK_L, num_warps=_SCORE_WARPS,
-            enable_fp_fusion=False,
-        )
+    launch(_score_kernel, (b * t, triton.cdiv(l, _BLOCK_L)),
+           x, scores, t, l, c, t // groups, BLOCK_L=_BLOCK_L, num_warps=_SCORE_WARPS,
+           enable_fp_fusion=False)
     return scores
 
 
@@ -178,12 +198,11 @@ def select(x: torch.Tensor, k_per_group: int, groups: int):
     if b == 0:
         return kept, index
     scores = select_scores(x, groups)
-    block_n = triton.next_power_of_2(ng)
+    block_n = topk_block_n(ng)
     x_words = _words(x)
     kept_words = kept.view(x_words.dtype)  # fresh, so aligned for any word x allows
-    _topk_gather_kernel[(b * groups, triton.cdiv(ng, _BLOCK_R))](
-        scores, x_words, kept_words, index, groups, ng, x_words.shape[-1], k,
-        BLOCK_N=block_n, BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W, NAN_KEY=_NAN_KEY,
-        num_warps=_GATHER_WARPS,
-    )
+    launch(_topk_gather_kernel, (b * groups, triton.cdiv(ng, _BLOCK_R)),
+           scores, x_words, kept_words, index, groups, ng, x_words.shape[-1], k,
+           BLOCK_N=block_n, BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W, NAN_KEY=_NAN_KEY,
+           num_warps=_GATHER_WARPS)
     return kept, index
