@@ -82,19 +82,22 @@ def test_rows_without_a_source_are_copied_bit_for_bit():
 
 
 def test_graph_chosen_while_exporting():
-    """While torch.export traces, every backend name resolves to the graph backend."""
+    """While torch.jit.trace (and torch.onnx.export) traces, every backend name resolves to
+    the graph backend; torch.export keeps the named one (its vtome:: ops load after import)."""
     from vtome_kernels.backends import resolve
 
+    name = "cpp" if vt.backends()["cpp"].available else "reference"
     seen = []
 
     class Probe(torch.nn.Module):
         def forward(self, x):
-            seen.append(resolve("cpp" if vt.backends()["cpp"].available else "reference", "merge", x.device).NAME)
+            seen.append(resolve(name, "merge", x.device).NAME)
             return x + 1
 
+    torch.jit.trace(Probe(), (torch.zeros(2),), check_trace=False)
     torch.export.export(Probe(), (torch.zeros(2),))
-    assert seen == ["graph"]
-    assert resolve("reference", "merge", torch.device("cpu")).NAME == "reference"
+    assert seen == ["graph", name]
+    assert resolve(name, "merge", torch.device("cpu")).NAME == name
 
 
 # -- every public op, exported to ONNX once ------------------------------------------------------------
@@ -230,25 +233,31 @@ def test_torchscript_exporter():
 
 def test_saved_torch_export_program_loads_in_a_fresh_process(tmp_path):
     """A saved torch.export program (dynamic batch) loads and runs after `import vtome_kernels`
-    alone, and gives eager's logits at another batch size."""
+    alone, and gives eager's logits at another batch size (with the default backend's ops,
+    and with backend="graph": plain aten ops only)."""
     model, x, patch, _ = patch_models.build("videomae")
     patch(model, r=4)
     model = Logits(model)  # a tensor out: transformers' output classes need transformers to load
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    assert not any(str(n.target).startswith("vtome") for n in program.graph.nodes)
+        model.model._vt.backend = "graph"
+        plain = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        model.model._vt.backend = "auto"
+    assert not any(str(n.target).startswith("vtome") for n in plain.graph.nodes)
     torch.export.save(program, tmp_path / "model.pt2")
+    torch.export.save(plain, tmp_path / "plain.pt2")
     x3 = torch.randn((3,) + tuple(x.shape[1:]))
     with torch.no_grad():
         want = patch_models.logits(model, x3)
     torch.save({"x": x3, "want": want}, tmp_path / "io.pt")
     code = textwrap.dedent(f"""
         import torch, vtome_kernels
-        program = torch.export.load({str(tmp_path / 'model.pt2')!r})
         io = torch.load({str(tmp_path / 'io.pt')!r})
-        out = program.module()(io["x"])
+        for name in ("model.pt2", "plain.pt2"):
+            program = torch.export.load({str(tmp_path)!r} + "/" + name)
+            out = program.module()(io["x"])
+            torch.testing.assert_close(out, io["want"], atol=1e-4, rtol=1e-4)
         assert "transformers" not in __import__("sys").modules
-        torch.testing.assert_close(out, io["want"], atol=1e-4, rtol=1e-4)
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -19,9 +19,9 @@ The names users pass (API.md):
 - "cpp": the CPU kernels of the C++ extension (cpp.py, csrc/); attention is torch's SDPA.
 - "triton": the Triton kernels, CUDA tensors (triton/backend.py); CPU tensors only in
   Triton's interpreter inside ``vtome_kernels.triton.cpu_interpreter()`` (tests).
-- "graph": graph.py, plain vectorised aten ops (no vtome:: op) on every device; while an
-  exporter traces (torch.export, torch.onnx.export, torch.jit.trace) every name gives it,
-  so exported graphs hold standard ops only.
+- "graph": graph.py, plain vectorised aten ops (no vtome:: op) on every device; while
+  torch.onnx.export or torch.jit.trace traces every name gives it, so those graphs hold
+  standard ops only (torch.export keeps the vtome:: ops).
 - "auto": per device type, the first backend of ``_AUTO_ORDER[device.type]`` that is
   available, has the stage and supports the device; the reference otherwise. On CPU
   "cpp" then "reference"; on CUDA "triton" then "reference".
@@ -107,7 +107,7 @@ _choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def _resolve(backend: str, op: str, device: torch.device) -> ModuleType:
     """The backend module that runs ``op`` on ``device``.
 
-    While torch.export / torch.onnx.export / torch.jit.trace traces, every name gives the
+    While torch.onnx.export / torch.jit.trace traces, every name gives the
     "graph" backend (plain aten ops, no custom op: see graph.py). Otherwise "auto" takes
     the first usable backend of the device's order that implements the op; a named backend that cannot run the op here raises BackendUnavailableError saying why.
     """

@@ -1,10 +1,11 @@
 """Graph backend: the pipeline in plain, vectorised aten ops, for exported graphs.
 
-``torch.export``, ``torch.onnx.export`` (``dynamo=True`` or the TorchScript exporter) and
-``torch.jit.trace`` see only ordinary aten ops here: no custom op, no per-dimension loop,
+``torch.onnx.export`` (``dynamo=True`` or the TorchScript exporter), ``torch.jit.trace``
+and ``torch.export`` see only ordinary aten ops here: no custom op, no per-dimension loop,
 no ``aten.sort.stable`` (which has no ONNX function). ``backends.resolve`` picks this module
-for every op while one of them traces (``exporting()``), whatever backend was asked for, so
-a plain ``torch.onnx.export(model, args, dynamo=True)`` of a patched model works. It is also
+for every op while torch.onnx.export or torch.jit.trace traces (``exporting()``), whatever
+backend was asked for, so a plain ``torch.onnx.export(model, args, dynamo=True)`` of a
+patched model works. torch.export keeps the chosen backend's vtome:: ops. It is also
 an ordinary backend (``backend="graph"``) with the contract of ``reference.py``.
 
 What it computes, and how it stays exact where the contract promises it:
@@ -58,9 +59,10 @@ def supports(device: torch.device) -> Optional[str]:
 
 
 def exporting() -> bool:
-    """True while torch.export / torch.onnx.export (either exporter) / torch.jit.trace traces."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool((is_exporting is not None and is_exporting()) or torch.jit.is_tracing())
+    """True while torch.onnx.export (either exporter) or torch.jit.trace traces: graphs that
+    cannot hold the vtome:: ops. (torch.export keeps them: they load after
+    ``import vtome_kernels``; ``backend="graph"`` gives a program of plain aten ops.)"""
+    return bool(torch.jit.is_tracing() or _onnx())
 
 
 def _onnx() -> bool:
