@@ -12,9 +12,12 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _compiling() -> bool:
-    """True while torch.compile traces: value checks (a device sync) are skipped then."""
+    """True while torch.compile or an exporter traces: value checks (a device sync, and a
+    data-dependent branch an exported graph cannot hold) are skipped then."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool((is_compiling and is_compiling()) or (is_exporting and is_exporting())
+                or torch.jit.is_tracing())
 
 
 def tensor(name: str, t, ranks: Sequence[int], dtypes=FLOAT_DTYPES) -> torch.Tensor:

@@ -19,6 +19,9 @@ The names users pass (API.md):
 - "cpp": the CPU kernels of the C++ extension (cpp.py, csrc/); attention is torch's SDPA.
 - "triton": the Triton kernels, CUDA tensors (triton/backend.py); CPU tensors only in
   Triton's interpreter inside ``vtome_kernels.triton.cpu_interpreter()`` (tests).
+- "graph": graph.py, plain vectorised aten ops (no vtome:: op) on every device; while
+  torch.onnx.export or torch.jit.trace traces every name gives it, so those graphs hold
+  standard ops only (torch.export keeps the vtome:: ops).
 - "auto": per device type, the first backend of ``_AUTO_ORDER[device.type]`` that is
   available, has the stage and supports the device; the reference otherwise. On CPU
   "cpp" then "reference"; on CUDA "triton" then "reference".
@@ -40,11 +43,14 @@ from typing import Dict, NamedTuple
 
 import torch
 
+from . import graph
+
 # name -> module; "auto" tries them in this order for each device type.
 _MODULES = {
     "reference": "vtome_kernels.reference",
     "cpp": "vtome_kernels.cpp",
     "triton": "vtome_kernels.triton.backend",
+    "graph": "vtome_kernels.graph",
 }
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 NAMES = ("auto",) + tuple(_MODULES)
@@ -101,11 +107,14 @@ _choose._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def _resolve(backend: str, op: str, device: torch.device) -> ModuleType:
     """The backend module that runs ``op`` on ``device``.
 
-    "auto" takes the first usable backend of the device's order that implements the op;
-    a named backend that cannot run the op here raises BackendUnavailableError saying why.
+    While torch.onnx.export / torch.jit.trace traces, every name gives the
+    "graph" backend (plain aten ops, no custom op: see graph.py). Otherwise "auto" takes
+    the first usable backend of the device's order that implements the op; a named backend that cannot run the op here raises BackendUnavailableError saying why.
     """
     if not isinstance(backend, str) or backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    if graph.exporting():  # exported graphs hold plain aten ops only, whatever was asked for
+        return graph
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if name not in _MODULES:

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _checks, reference
+from . import _checks, graph, reference
 from .backends import resolve
 
 MODES = ("merge", "drop", "random_merge", "random_drop", "hybrid")
@@ -179,7 +179,7 @@ def match(
     lead, n, d = tuple(metric.shape[:-2]), metric.shape[-2], metric.shape[-1]
     if d == 0:
         raise ValueError(f"metric must have a last dim >= 1, got shape {tuple(metric.shape)}")
-    r = min(r, (n - class_token - distill_token) // 2)
+    r = min(r, (int(n) - int(class_token) - int(distill_token)) // 2)
     flat = metric.detach().reshape(-1, n, d)
     kw = dict(mode=mode, backend=backend, class_token=class_token, distill_token=distill_token)
     if r <= 0:
@@ -188,7 +188,8 @@ def match(
     if mode in ("random_merge", "random_drop"):
         device = generator.device if generator is not None else flat.device
         scores = torch.rand(flat.shape[0], (n + 1) // 2, n // 2, generator=generator, device=device)
-        tensors = reference.match_scores(scores.to(flat.device), r, class_token, distill_token)
+        scorer = graph if graph.exporting() else reference  # no aten.sort.stable in a graph
+        tensors = scorer.match_scores(scores.to(flat.device), r, class_token, distill_token)
     else:
         tensors = resolve(backend, "match", flat.device).match(flat, r, class_token, distill_token)
     out_idx, src_idx, dst_pos, src_score = tensors
@@ -288,7 +289,7 @@ def merge(
     n, c, d = x.shape[-2], x.shape[-1], metric.shape[-1]
     if d == 0:
         raise ValueError(f"metric must have a last dim >= 1, got shape {tuple(metric.shape)}")
-    r = min(r, (n - class_token - distill_token) // 2)
+    r = min(r, (int(n) - int(class_token) - int(distill_token)) // 2)
     if r <= 0:
         if size is None:
             size = torch.ones(x.shape[:-1] + (1,), dtype=torch.float32, device=x.device)

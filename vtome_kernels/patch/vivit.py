@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (CostModel, attend, eager, grid_from, heads_join, heads_split, install, select_tokens,
-                     st_keys_step)
+from .common import (CostModel, StateHook, attend, eager, grid_from, has_hook, heads_join, heads_split,
+                     install, select_tokens, st_keys_step)
 from .family import Bench, Family, Parts, hf_video_builder, split_head
 
 
@@ -30,6 +30,8 @@ def _attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, *
 
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
     st = self._vt_state
+    if attention_mask is not None and not st.user_mask:
+        attention_mask = None  # transformers' all-attend mask, built while exporting (no value checks then)
     if attention_mask is not None and st.merging():
         raise ValueError("a patched ViViT merges tokens, so attention_mask cannot be used with r > 0")
     x = hidden_states
@@ -92,6 +94,17 @@ def apply_patch(model, r=0, *, mode: str = "merge", threshold=None, prop_attn: b
     return install(FAMILY, model, r, options, select=select, select_groups=select_groups)
 
 
+class _UserMask(StateHook):
+    """Pre-hook of VivitModel: did the caller pass an attention_mask? While exporting,
+    transformers turns "no mask" into an all-attend one (it cannot read values then); the
+    layers drop that one (same result, no [N, N] mask in the graph) and refuse a mask the
+    caller gave when merging."""
+
+    def __call__(self, module, args, kwargs):
+        given = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        self.state.user_mask = given is not None
+
+
 def _parts(model) -> Parts:
     from transformers import VivitForVideoClassification, VivitModel
 
@@ -103,8 +116,14 @@ def _parts(model) -> Parts:
     blocks = list(base.layers)
     size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
     base.embeddings._vt_grid0 = (cfg.num_frames // tt, size[0] // th, size[1] // tw)
+    def extra(state):
+        state.user_mask = True  # until the hook has seen a call
+        if not has_hook(base, _UserMask, state):
+            base.register_forward_pre_hook(_UserMask(state), with_kwargs=True)
+
     return Parts(blocks, base.embeddings, cost, lambda shape: grid_from(shape, "BTCHW", tt, th, tw, "ViViT"),
-                 class_token=True, attention=[(b.attention, _attention_forward) for b in blocks])
+                 class_token=True, attention=[(b.attention, _attention_forward) for b in blocks],
+                 extra_hooks=extra)
 
 
 def _tiny():
