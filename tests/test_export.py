@@ -162,7 +162,12 @@ def test_identical_tokens_tie_exactly_in_onnxruntime(ops_session):
 
 
 # -- every patched family, exported to ONNX --------------------------------------------------------------
-R_FAMILY = {"timm": 8, "videomae": 4, "vivit": 4, "timesformer": 2}
+R_FAMILY = {"timm": 8, "videomae": 4, "vivit": 4, "timesformer": 2, "vjepa2": 4}
+
+
+def test_every_family_is_exported():
+    """A family added to vt.patch.FAMILIES gets its export test here too."""
+    assert set(R_FAMILY) == set(vt.patch.FAMILIES)
 
 
 @pytest.fixture(scope="module")
