@@ -69,9 +69,11 @@ def _match_kernel(
     a_ok = a < NA
     a_off = (2 * a).to(tl.int64) * stride_n
     sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    bad_a = tl.zeros([BLOCK_A], dtype=tl.int1)  # a NaN or inf entry: its unit vector holds NaN
     for k in range(D):
         v = tl.load(base + a_off + k * stride_d, mask=a_ok, other=0.0).to(tl.float32)
         sq_a = sq_a + v * v
+        bad_a = bad_a | (v != v) | (tl.abs(v) == float("inf"))
     nrm_a = tl.maximum(tl.sqrt_rn(sq_a), 1e-12)
 
     run_max = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
@@ -81,9 +83,11 @@ def _match_kernel(
         b_ok = b < NB
         b_off = (2 * b + 1).to(tl.int64) * stride_n
         sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        bad_b = tl.zeros([BLOCK_B], dtype=tl.int1)
         for k in range(D):
             v = tl.load(base + b_off + k * stride_d, mask=b_ok, other=0.0).to(tl.float32)
             sq_b = sq_b + v * v
+            bad_b = bad_b | (v != v) | (tl.abs(v) == float("inf"))
         nrm_b = tl.maximum(tl.sqrt_rn(sq_b), 1e-12)
         if DOT == "":
             acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
@@ -111,8 +115,16 @@ def _match_kernel(
             masked = masked | (b[None, :] == 0)
         acc = tl.where(masked, float("-inf"), acc)
         # A NaN score makes the row's maximum NaN and its argmax the last B token, as the
-        # reference's amax and clamped argmin give (tl.max leaves NaN handling open).
-        nan_row = tl.max((acc != acc).to(tl.int32), axis=1) > 0
+        # reference's amax and clamped argmin give (tl.max leaves NaN handling open). A
+        # score is NaN exactly when one of its unit vectors holds a NaN, i.e. when its A or
+        # B token has a NaN or inf entry (components of a unit vector are otherwise finite),
+        # so the rows are found from the tokens, not by a pass over the score tile.
+        bad_col = bad_b & b_ok
+        if DIST:
+            bad_col = bad_col & (b != 0)
+        nan_row = bad_a | (tl.max(bad_col.to(tl.int32), axis=0) > 0)
+        if CLS:
+            nan_row = nan_row & (a != 0)
         t_max = tl.where(nan_row, float("nan"), tl.max(acc, axis=1))
         hit = (acc == t_max[:, None]) & b_ok[None, :]
         t_idx = tl.where(nan_row, NB - 1, tl.min(tl.where(hit, b[None, :], NB), axis=1))
