@@ -29,3 +29,12 @@ def blocks(model):
         except (TypeError, ImportError):
             continue
     raise AssertionError(f"no blocks found in {type(model).__name__}")
+
+
+def record_block_lengths(model):
+    """Hooks that append the sequence length entering every block: (lengths, handles)."""
+    seen = []
+    handles = [blk.register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True)
+        for blk in blocks(model)]
+    return seen, handles

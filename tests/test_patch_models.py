@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vtome_kernels as vt
-from patch_models import blocks, build, logits
+from patch_models import blocks, build, logits, record_block_lengths
 from vtome_kernels.patch.common import state_hooks
 
 FAMILIES = list(vt.patch.FAMILIES)  # every declared family runs this suite
@@ -24,10 +24,7 @@ def family(request):
 
 def seen_lengths(model, x):
     """Sequence length entering every block, and the output length of the last, via hooks."""
-    seen, handles = [], []
-    for blk in blocks(model):
-        handles.append(blk.register_forward_pre_hook(
-            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True))
+    seen, handles = record_block_lengths(model)
     last = []
     handles.append(blocks(model)[-1].register_forward_hook(
         lambda m, a, out: last.append((out[0] if isinstance(out, tuple) else out).shape[1])))

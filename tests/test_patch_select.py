@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vtome_kernels as vt
-from patch_models import blocks, build, logits
+from patch_models import blocks, build, logits, record_block_lengths
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -59,10 +59,7 @@ def test_select_then_merge_lengths_and_gradients(family):
     patch(model, r=2, select=12, trace_source=True)
     counts = vt.patch.token_counts(model, x.shape)
     assert counts[0] == 12 + (family == "vivit")
-    seen = []
-    for blk in blocks(model):
-        blk.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
-                                      with_kwargs=True)
+    seen, _ = record_block_lengths(model)
     model.train()
     out = logits(model, x)
     out.square().mean().backward()
@@ -131,10 +128,7 @@ def test_any_grid_select_keeps_the_budget_and_merging_composes(family, shape):
     counts = vt.patch.token_counts(model, x.shape)
     extra = int(family == "vivit")
     assert counts[0] == k + extra and counts[1] == counts[0] - 2
-    seen = []
-    for blk in blocks(model):
-        blk.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
-                                      with_kwargs=True)
+    seen, _ = record_block_lengths(model)
     model.train()
     out = logits(model, x)
     assert out.shape == (2, 5) and torch.isfinite(out).all()
